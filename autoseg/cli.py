@@ -1,0 +1,295 @@
+"""The ``autoseg`` command: argparse subcommands, each a thin shim over a function of the Python API.
+
+Heavy modules are imported inside the commands so that ``autoseg --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _add_workers(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="worker processes over cases (default: the available cores; 1 = no subprocesses)",
+    )
+
+
+def _add_preprocessed(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preprocessed",
+        metavar="DIR",
+        help="root folder for fingerprints, plans and preprocessed data (default: $AUTOSEG_PREPROCESSED)",
+    )
+
+
+def _add_dataset(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", metavar="DATASET", help="dataset folder holding dataset.json, imagesTr/, labelsTr/")
+
+
+def _add_planner(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--planner", default="default", help="planner name (see `autoseg list planners`)")
+
+
+def _add_gpu_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=8.0,
+        metavar="GB",
+        help="GPU memory the plan targets (default: 8, as nnU-Net)",
+    )
+
+
+def _add_configurations(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c",
+        "--configurations",
+        nargs="+",
+        metavar="CONFIG",
+        help="configurations to preprocess, e.g. 2d 3d_fullres (default: all in the plan)",
+    )
+
+
+def _paths(args: argparse.Namespace) -> Any:
+    from autoseg.paths import Paths
+
+    return Paths.resolve(args.preprocessed)
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    from autoseg.example import make_example_dataset
+
+    folder = make_example_dataset(
+        args.out_dir,
+        num_training=args.num_training,
+        num_test=args.num_test,
+        size=args.size,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        show_progress=not args.quiet,
+    )
+    print(f"wrote {folder}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from autoseg.pipeline import check
+
+    spec, problems = check(
+        args.dataset, args.num_workers, read_voxels=not args.headers_only, show_progress=not args.quiet
+    )
+    if problems:
+        print(f"{spec.root}: {len(problems)} problem(s):", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    print(
+        f"{spec.root}: OK ({len(spec.training)} training, {len(spec.test)} test cases,"
+        f" {spec.num_channels} channel(s): {', '.join(spec.channel_names)}; labels: {spec.labels})"
+    )
+    return 0
+
+
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    from autoseg.pipeline import fingerprint
+
+    path = fingerprint(args.dataset, _paths(args), args.num_workers, args.seed, show_progress=not args.quiet)
+    print(f"wrote {path}")
+    return 0
+
+
+def _print_plan(plan_file: Path) -> None:
+    from autoseg import serialization
+    from autoseg.plan import Plan
+
+    plan = serialization.load(Plan, plan_file)
+    print(f"wrote {plan_file}")
+    print(
+        f"  transpose {list(plan.transpose_forward)}; median spacing {list(plan.original_median_spacing_mm)} mm,"
+        f" median shape {list(plan.original_median_shape)}"
+    )
+    print(f"  {'configuration':<12} {'spacing (mm)':<24} {'patch':<16} {'batch':>5} {'stages':>6}")
+    for name, c in plan.configurations.items():
+        spacing = "×".join(f"{s:.3g}" for s in c.spacing_mm)
+        patch = "×".join(map(str, c.patch_size))
+        print(f"  {name:<12} {spacing:<24} {patch:<16} {c.batch_size:>5} {c.network.num_stages:>6}")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from autoseg.pipeline import plan
+
+    _print_plan(plan(args.dataset, _paths(args), args.planner, args.gpu_memory_gb))
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from autoseg.pipeline import preprocess
+
+    folders = preprocess(
+        args.dataset,
+        _paths(args),
+        args.planner,
+        args.configurations,
+        args.num_workers,
+        show_progress=not args.quiet,
+    )
+    for name, folder in folders.items():
+        print(f"{name}: {folder}")
+    return 0
+
+
+def cmd_plan_and_preprocess(args: argparse.Namespace) -> int:
+    from autoseg import pipeline
+
+    paths = _paths(args)
+    started = time.perf_counter()
+    print(f"wrote {pipeline.fingerprint(args.dataset, paths, args.num_workers, show_progress=not args.quiet)}")
+    _print_plan(pipeline.plan(args.dataset, paths, args.planner, args.gpu_memory_gb))
+    folders = pipeline.preprocess(
+        args.dataset, paths, args.planner, args.configurations, args.num_workers, show_progress=not args.quiet
+    )
+    for name, folder in folders.items():
+        print(f"{name}: {folder}")
+    print(f"done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from autoseg.planning import PLANNERS
+    from autoseg.preprocessing.normalize import NORMALIZERS
+    from autoseg.registry import Registry
+
+    registries: dict[str, Registry[Any]] = {"planners": PLANNERS, "normalizers": NORMALIZERS}
+    registry = registries[args.kind]
+    for name, obj in registry.items():
+        doc = (obj.__doc__ or "").strip().splitlines()
+        print(f"{name:<20} {doc[0] if doc else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autoseg",
+        description="Self-configuring medical image segmentation: dataset folder in, plan and preprocessed data out.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    parser.add_argument(
+        "--plugins",
+        action="append",
+        default=[],
+        metavar="FILE.py",
+        help="import a plug-in file (planners, trainers, ...) before running; repeatable",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "example",
+        help="write the built-in example dataset (brain phantoms)",
+        description="Write procedural brain-like phantoms in the nnU-Net layout.",
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write Dataset001_BrainPhantom into")
+    p.add_argument("--num-training", type=int, default=24, help="training cases (default: 24)")
+    p.add_argument("--num-test", type=int, default=6, help="test cases with labels (default: 6)")
+    p.add_argument("--size", type=int, default=80, help="grid edge in voxels at 2 mm (default: 80, max 96)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing example dataset")
+    p.set_defaults(func=cmd_example)
+
+    p = sub.add_parser(
+        "check",
+        help="check a dataset folder and list every problem",
+        description="Report every problem of a dataset at once, each with the case, the file and"
+        " how to fix it. Exits 1 when there are problems.",
+    )
+    _add_dataset(p)
+    _add_workers(p)
+    p.add_argument("--headers-only", action="store_true", help="skip reading voxels (no NaN / label checks)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "fingerprint",
+        help="measure the dataset (spacings, shapes, intensities, classes)",
+        description="Write <preprocessed>/<dataset>/fingerprint.json.",
+    )
+    _add_dataset(p)
+    _add_preprocessed(p)
+    _add_workers(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the intensity sampling (default: 0)")
+    p.set_defaults(func=cmd_fingerprint)
+
+    p = sub.add_parser(
+        "plan",
+        help="derive the training plan from the fingerprint",
+        description="Write <preprocessed>/<dataset>/plans/<planner>.json from the fingerprint.",
+    )
+    _add_dataset(p)
+    _add_preprocessed(p)
+    _add_planner(p)
+    _add_gpu_memory(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser(
+        "preprocess",
+        help="preprocess the training cases as the plan says",
+        description="Crop, normalize, resample and store every training case; resumable.",
+    )
+    _add_dataset(p)
+    _add_preprocessed(p)
+    _add_planner(p)
+    _add_configurations(p)
+    _add_workers(p)
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser(
+        "plan-and-preprocess",
+        help="fingerprint, plan and preprocess in one go",
+        description="check -> fingerprint -> plan -> preprocess.",
+    )
+    _add_dataset(p)
+    _add_preprocessed(p)
+    _add_planner(p)
+    _add_gpu_memory(p)
+    _add_configurations(p)
+    _add_workers(p)
+    p.set_defaults(func=cmd_plan_and_preprocess)
+
+    p = sub.add_parser("list", help="list registered plug-ins", description="List plug-ins with one line each.")
+    p.add_argument("kind", choices=["planners", "normalizers"], help="which registry to list")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from autoseg.errors import AutosegError
+    from autoseg.registry import load_plugin_file
+
+    try:
+        for plugin in args.plugins:
+            load_plugin_file(plugin)
+        return int(args.func(args))
+    except AutosegError as exc:
+        if args.debug:
+            raise
+        print(f"autoseg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autoseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The stages a user runs, as functions: each reads the previous stage's file and writes its own.
+
+The CLI is a thin shim over these; they are also the Python API.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from autoseg import serialization
+from autoseg.check import DatasetCheckFailed, Problem, check_dataset, check_headers
+from autoseg.dataset import DatasetSpec, load_dataset
+from autoseg.errors import AutosegError
+from autoseg.fingerprint import Fingerprint, extract_fingerprint
+from autoseg.paths import Paths
+from autoseg.plan import Plan
+
+
+def checked_dataset(dataset: str | Path) -> DatasetSpec:
+    """Load a dataset and run the header half of the check; every command starts here."""
+    spec = load_dataset(dataset)
+    problems = check_headers(spec)
+    if problems:
+        raise DatasetCheckFailed(spec.root, problems)
+    return spec
+
+
+def check(
+    dataset: str | Path, num_workers: int | None = None, read_voxels: bool = True, show_progress: bool = True
+) -> tuple[DatasetSpec, list[Problem]]:
+    return check_dataset(dataset, num_workers, content=read_voxels, show_progress=show_progress)
+
+
+def fingerprint(
+    dataset: str | Path,
+    paths: Paths,
+    num_workers: int | None = None,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> Path:
+    spec = checked_dataset(dataset)
+    result = extract_fingerprint(spec, num_workers=num_workers, seed=seed, show_progress=show_progress)
+    target = paths.fingerprint_file(spec.name)
+    serialization.save(result, target)
+    return target
+
+
+def load_fingerprint(spec: DatasetSpec, paths: Paths) -> Fingerprint:
+    path = paths.fingerprint_file(spec.name)
+    if not path.is_file():
+        raise AutosegError(f"{path}: no fingerprint yet; run `autoseg fingerprint {spec.root}` first")
+    return serialization.load(Fingerprint, path)
+
+
+def plan(dataset: str | Path, paths: Paths, planner: str = "default", gpu_memory_gb: float = 8.0) -> Path:
+    from autoseg.planning import PLANNERS
+
+    spec = checked_dataset(dataset)
+    planner_class = PLANNERS.get(planner)
+    result = planner_class(gpu_memory_gb=gpu_memory_gb).plan(load_fingerprint(spec, paths))
+    target = paths.plan_file(spec.name, planner)
+    serialization.save(result, target)
+    return target
+
+
+def load_plan(spec: DatasetSpec, paths: Paths, planner: str) -> Plan:
+    path = paths.plan_file(spec.name, planner)
+    if not path.is_file():
+        raise AutosegError(f"{path}: no plan yet; run `autoseg plan {spec.root} --planner {planner}` first")
+    return serialization.load(Plan, path)
+
+
+def preprocess(
+    dataset: str | Path,
+    paths: Paths,
+    planner: str = "default",
+    configurations: list[str] | None = None,
+    num_workers: int | None = None,
+    show_progress: bool = True,
+) -> dict[str, Path]:
+    from autoseg.preprocessing.run import preprocess_dataset
+
+    spec = checked_dataset(dataset)
+    the_plan = load_plan(spec, paths, planner)
+    names = configurations or list(the_plan.configurations)
+    for name in names:
+        the_plan.configuration(name)  # unknown names fail before any work
+    return preprocess_dataset(spec, the_plan, names, paths, num_workers=num_workers, show_progress=show_progress)
+
+
+def plan_and_preprocess(
+    dataset: str | Path,
+    paths: Paths,
+    planner: str = "default",
+    gpu_memory_gb: float = 8.0,
+    configurations: list[str] | None = None,
+    num_workers: int | None = None,
+    show_progress: bool = True,
+) -> dict[str, Path]:
+    fingerprint(dataset, paths, num_workers=num_workers, show_progress=show_progress)
+    plan(dataset, paths, planner=planner, gpu_memory_gb=gpu_memory_gb)
+    return preprocess(dataset, paths, planner, configurations, num_workers, show_progress)

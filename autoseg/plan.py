@@ -1,0 +1,100 @@
+"""The plan: everything that preprocessing, training and inference need to know, as plain data.
+
+All spacings and shapes are in the *transposed* array order (the plan's ``transpose_forward`` applied
+to the (z, y, x) order of the images), so that the coarsest axis comes first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+
+from autoseg.fingerprint import IntensityStats
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """A U-Net topology. ``architecture`` is a name in the network registry."""
+
+    architecture: str
+    features_per_stage: tuple[int, ...]
+    kernel_sizes: tuple[tuple[int, ...], ...]
+    strides: tuple[tuple[int, ...], ...]
+    n_conv_per_stage: tuple[int, ...]
+    n_conv_per_stage_decoder: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.features_per_stage)
+        if not (len(self.kernel_sizes) == len(self.strides) == len(self.n_conv_per_stage) == n):
+            raise ValueError("features_per_stage, kernel_sizes, strides and n_conv_per_stage differ in length")
+        if len(self.n_conv_per_stage_decoder) != n - 1:
+            raise ValueError("n_conv_per_stage_decoder must have one entry fewer than the stages")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.features_per_stage)
+
+    @property
+    def shape_must_be_divisible_by(self) -> tuple[int, ...]:
+        """The product of the strides per axis: every patch edge must be a multiple of it."""
+        return tuple(prod(s[d] for s in self.strides) for d in range(len(self.strides[0])))
+
+
+@dataclass(frozen=True)
+class ResamplingPlan:
+    """How images and labels are resampled to and from the configuration's spacing."""
+
+    image_order: int = 3  # third-order splines, as nnU-Net
+    label_order: int = 1  # linear interpolation of each label's one-hot mask
+    out_of_plane_order: int = 0  # nearest neighbour along the thick-slice axis
+    # An axis is treated separately when the spacing ratio exceeds this (nnU-Net's ANISO_THRESHOLD).
+    anisotropy_threshold: float = 3.0
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One trainable configuration (``2d``, ``3d_fullres``, ``3d_lowres``)."""
+
+    name: str
+    data_identifier: str  # folder name under the dataset's preprocessed folder
+    spacing_mm: tuple[float, ...]  # 2 entries for 2D: the in-plane spacing
+    median_shape: tuple[int, ...]  # median case shape at spacing_mm
+    patch_size: tuple[int, ...]
+    batch_size: int
+    batch_dice: bool
+    normalization: tuple[str, ...]  # normalizer registry name per input channel
+    use_mask_for_norm: tuple[bool, ...]
+    network: NetworkPlan
+    resampling: ResamplingPlan = field(default_factory=ResamplingPlan)
+
+    @property
+    def dim(self) -> int:
+        return len(self.patch_size)
+
+
+@dataclass(frozen=True)
+class Plan:
+    SCHEMA_VERSION = 1
+
+    schema_version: int
+    dataset_name: str
+    planner: str
+    gpu_memory_gb: float
+    transpose_forward: tuple[int, ...]
+    transpose_backward: tuple[int, ...]
+    original_median_spacing_mm: tuple[float, ...]  # untransposed (z, y, x)
+    original_median_shape: tuple[int, ...]  # after cropping, untransposed
+    channel_names: tuple[str, ...]
+    labels: dict[str, int]
+    foreground_intensity_per_channel: tuple[IntensityStats, ...]
+    configurations: dict[str, Configuration]
+
+    def configuration(self, name: str) -> Configuration:
+        from autoseg.errors import AutosegError
+
+        if name not in self.configurations:
+            raise AutosegError(
+                f"plan {self.planner!r} of dataset {self.dataset_name} has no configuration {name!r};"
+                f" it has: {', '.join(self.configurations)}"
+            )
+        return self.configurations[name]

@@ -1,0 +1,1 @@
+"""Built-in planners, one per file, each named after its registry name."""
