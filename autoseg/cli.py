@@ -155,12 +155,8 @@ def cmd_plan_and_preprocess(args: argparse.Namespace) -> int:
     paths = _paths(args)
     started = time.perf_counter()
     print(f"wrote {pipeline.fingerprint(args.dataset, paths, args.num_workers, show_progress=not args.quiet)}")
-    _print_plan(pipeline.plan(args.dataset, paths, args.planner, args.gpu_memory_gb))
-    folders = pipeline.preprocess(
-        args.dataset, paths, args.planner, args.configurations, args.num_workers, show_progress=not args.quiet
-    )
-    for name, folder in folders.items():
-        print(f"{name}: {folder}")
+    cmd_plan(args)
+    cmd_preprocess(args)
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0
 
@@ -176,6 +172,21 @@ def cmd_list(args: argparse.Namespace) -> int:
         doc = (obj.__doc__ or "").strip().splitlines()
         print(f"{name:<20} {doc[0] if doc else ''}")
     return 0
+
+
+def _command(
+    sub: Any,
+    func: Command,
+    name: str,
+    summary: str,
+    description: str,
+    *options: Callable[[argparse.ArgumentParser], None],
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=summary, description=description)
+    for add_option in options:
+        add_option(parser)
+    parser.set_defaults(func=func)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,10 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        cmd_example,
         "example",
-        help="write the built-in example dataset (brain phantoms)",
-        description="Write procedural brain-like phantoms in the nnU-Net layout.",
+        "write the built-in example dataset (brain phantoms)",
+        "Write procedural brain-like phantoms in the nnU-Net layout.",
     )
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write Dataset001_BrainPhantom into")
     p.add_argument("--num-training", type=int, default=24, help="training cases (default: 24)")
@@ -205,69 +218,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=80, help="grid edge in voxels at 2 mm (default: 80, max 96)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing example dataset")
-    p.set_defaults(func=cmd_example)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        cmd_check,
         "check",
-        help="check a dataset folder and list every problem",
-        description="Report every problem of a dataset at once, each with the case, the file and"
-        " how to fix it. Exits 1 when there are problems.",
+        "check a dataset folder and list every problem",
+        "Report every problem of a dataset at once, each with the case, the file and how to fix it."
+        " Exits 1 when there are problems.",
+        _add_dataset,
+        _add_workers,
     )
-    _add_dataset(p)
-    _add_workers(p)
     p.add_argument("--headers-only", action="store_true", help="skip reading voxels (no NaN / label checks)")
-    p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        cmd_fingerprint,
         "fingerprint",
-        help="measure the dataset (spacings, shapes, intensities, classes)",
-        description="Write <preprocessed>/<dataset>/fingerprint.json.",
+        "measure the dataset (spacings, shapes, intensities, classes)",
+        "Write <preprocessed>/<dataset>/fingerprint.json.",
+        _add_dataset,
+        _add_preprocessed,
+        _add_workers,
     )
-    _add_dataset(p)
-    _add_preprocessed(p)
-    _add_workers(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the intensity sampling (default: 0)")
-    p.set_defaults(func=cmd_fingerprint)
 
-    p = sub.add_parser(
+    _command(
+        sub,
+        cmd_plan,
         "plan",
-        help="derive the training plan from the fingerprint",
-        description="Write <preprocessed>/<dataset>/plans/<planner>.json from the fingerprint.",
+        "derive the training plan from the fingerprint",
+        "Write <preprocessed>/<dataset>/plans/<planner>.json from the fingerprint.",
+        _add_dataset,
+        _add_preprocessed,
+        _add_planner,
+        _add_gpu_memory,
     )
-    _add_dataset(p)
-    _add_preprocessed(p)
-    _add_planner(p)
-    _add_gpu_memory(p)
-    p.set_defaults(func=cmd_plan)
-
-    p = sub.add_parser(
+    _command(
+        sub,
+        cmd_preprocess,
         "preprocess",
-        help="preprocess the training cases as the plan says",
-        description="Crop, normalize, resample and store every training case; resumable.",
+        "preprocess the training cases as the plan says",
+        "Crop, normalize, resample and store every training case; resumable.",
+        _add_dataset,
+        _add_preprocessed,
+        _add_planner,
+        _add_configurations,
+        _add_workers,
     )
-    _add_dataset(p)
-    _add_preprocessed(p)
-    _add_planner(p)
-    _add_configurations(p)
-    _add_workers(p)
-    p.set_defaults(func=cmd_preprocess)
-
-    p = sub.add_parser(
+    _command(
+        sub,
+        cmd_plan_and_preprocess,
         "plan-and-preprocess",
-        help="fingerprint, plan and preprocess in one go",
-        description="check -> fingerprint -> plan -> preprocess.",
+        "fingerprint, plan and preprocess in one go",
+        "check -> fingerprint -> plan -> preprocess.",
+        _add_dataset,
+        _add_preprocessed,
+        _add_planner,
+        _add_gpu_memory,
+        _add_configurations,
+        _add_workers,
     )
-    _add_dataset(p)
-    _add_preprocessed(p)
-    _add_planner(p)
-    _add_gpu_memory(p)
-    _add_configurations(p)
-    _add_workers(p)
-    p.set_defaults(func=cmd_plan_and_preprocess)
 
-    p = sub.add_parser("list", help="list registered plug-ins", description="List plug-ins with one line each.")
+    p = _command(sub, cmd_list, "list", "list registered plug-ins", "List plug-ins with one line each.")
     p.add_argument("kind", choices=["planners", "normalizers"], help="which registry to list")
-    p.set_defaults(func=cmd_list)
     return parser
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 import cc3d
 import numpy as np
 
-from autoseg.check import DatasetCheckFailed, Problem, content_problems, dataset_problems, header_problems
+from autoseg.check import DatasetCheckFailed, Problem, content_problems
 from autoseg.dataset import Case, DatasetSpec, load_case
 from autoseg.errors import AutosegError
 from autoseg.parallel import parallel_map
@@ -91,9 +91,6 @@ class _CaseResult:
 
 def _fingerprint_case(job: _CaseJob) -> _CaseResult:
     spec, case = job.spec, job.case
-    problems = header_problems(spec, case, is_training=True)
-    if problems:
-        return _CaseResult(None, [], problems)
     try:
         image, label, geometry = load_case(spec, case)
     except AutosegError as exc:
@@ -172,8 +169,12 @@ def extract_fingerprint(
     foreground_samples_total: int = FOREGROUND_SAMPLES_TOTAL,
     show_progress: bool = True,
 ) -> Fingerprint:
-    """Measure every training case; raises DatasetCheckFailed listing all problems found on the way."""
-    problems = dataset_problems(spec)
+    """Measure every training case; raises DatasetCheckFailed listing all problems found on the way.
+
+    The voxel half of the dataset check runs here, in the same read; the header half
+    (``check.check_headers``) is the caller's, as ``pipeline.fingerprint`` does.
+    """
+    problems: list[Problem] = []
     samples_per_case = foreground_samples_total // max(1, len(spec.training))
     jobs = [_CaseJob(spec, c, i, seed, samples_per_case) for i, c in enumerate(spec.training)]
     results = parallel_map(_fingerprint_case, jobs, num_workers, "fingerprint", show_progress)

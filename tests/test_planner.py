@@ -165,10 +165,6 @@ def test_transpose_puts_the_coarsest_axis_first() -> None:
     assert plan.original_median_spacing_mm == (0.8, 0.8, 4.0)
 
 
-def test_compute_new_shape() -> None:
-    assert topology.compute_new_shape((100, 200, 50), (1.0, 0.5, 3.0), (1.0, 1.0, 1.0)) == (100, 100, 150)
-
-
 def test_small_images_get_2d_and_3d_fullres_only() -> None:
     plan = BasePlanner().plan(uniform_fingerprint((1.0, 1.0, 1.0), (64, 80, 72), n=30))
     assert set(plan.configurations) == {"2d", "3d_fullres"}
@@ -303,6 +299,37 @@ def nnunet_plans(monkeypatch: pytest.MonkeyPatch, fingerprint: Fingerprint) -> d
     monkeypatch.setattr(ep.ExperimentPlanner, "determine_reader_writer", lambda self: SimpleNamespace(__name__="io"))
     monkeypatch.setattr(ep.ExperimentPlanner, "save_plans", lambda self, plans: None)
     return dict(ep.ExperimentPlanner("Dataset001_Test").plan_experiment())
+
+
+def random_fingerprint(seed: int) -> Fingerprint:
+    """Datasets of every kind: isotropic or thick-slice, small or large, few or many cases and classes."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 60))
+    base_spacing = rng.choice([0.4, 0.7, 1.0, 1.5, 2.0], size=3)
+    if rng.random() < 0.4:  # thick slices on a random axis
+        base_spacing[rng.integers(3)] *= rng.choice([3.0, 4.5, 7.0])
+    base_shape = rng.integers(24, 400, size=3)
+    spacings = [tuple(float(s) for s in base_spacing * rng.uniform(0.8, 1.25, 3)) for _ in range(n)]
+    shapes = [tuple(int(s) for s in base_shape * rng.uniform(0.7, 1.3, 3)) for _ in range(n)]
+    labels = {"background": 0, **{f"c{k}": k for k in range(1, int(rng.integers(2, 6)))}}
+    channels = ("T1", "T2")[: int(rng.integers(1, 3))]
+    return make_fingerprint(spacings, shapes, channel_names=channels, labels=labels)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(8))
+def test_whole_plan_matches_nnunet_on_random_datasets(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    fingerprint = random_fingerprint(seed)
+    theirs = nnunet_plans(monkeypatch, fingerprint)
+    ours = BasePlanner().plan(fingerprint)
+    assert list(ours.transpose_forward) == theirs["transpose_forward"]
+    assert set(ours.configurations) == set(theirs["configurations"]) - {"3d_cascade_fullres"}
+    for name, config in ours.configurations.items():
+        reference = theirs["configurations"][name]
+        assert config.patch_size == tuple(int(p) for p in reference["patch_size"]), name
+        assert config.batch_size == reference["batch_size"], name
+        assert config.spacing_mm == pytest.approx(tuple(reference["spacing"]), rel=1e-12), name
+        assert config.network.strides == reference["architecture"]["arch_kwargs"]["strides"], name
 
 
 @pytest.mark.slow

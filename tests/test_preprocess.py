@@ -140,6 +140,7 @@ def test_rerun_skips_finished_cases_and_redoes_incomplete_ones(preprocessed, tmp
     before = {p.name: p.stat().st_mtime_ns for p in data_dir.iterdir()}
     (data_dir / "c1_seg.npy").unlink()
     (data_dir / "c2.npy").write_bytes(b"\x93NUMPY garbage")  # an unreadable array counts as unfinished
+    (data_dir / ".c3.npy.k1ll3d.npy").write_bytes(b"half")  # a temporary left by a killed worker
     out = folder.parent
     assert (
         main(["-q", "preprocess", str(root), "--preprocessed", str(out), "-c", "3d_fullres", "--num-workers", "1"]) == 0
@@ -197,3 +198,75 @@ def test_no_worker_leaves_temporary_files(preprocessed):
     _, folder, _ = preprocessed
     assert not [p for p in folder.rglob(".*") if p.is_file()]
     assert all(os.access(p, os.R_OK) for p in folder.rglob("*"))
+
+
+def test_two_dimensional_images_get_only_a_2d_configuration(tmp_path):
+    """2D files (as SimpleITK reads .mha slices) run through the 3D code as one-slice volumes."""
+    import SimpleITK as sitk
+
+    root = tmp_path / "Dataset005_Flat"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        image = np.zeros((60, 50), np.float32)
+        image[10:50, 8:44] = rng.normal(100, 5, (40, 36))
+        label = np.zeros((60, 50), np.uint8)
+        label[20:35, 15:30] = 1
+        for array, folder, name in ((image, "imagesTr", f"c{i}_0000"), (label, "labelsTr", f"c{i}")):
+            itk = sitk.GetImageFromArray(array)
+            itk.SetSpacing((0.5, 0.7))
+            sitk.WriteImage(itk, str(root / folder / f"{name}.mha"))
+    description = {
+        "channel_names": {"0": "MRI"},
+        "labels": {"background": 0, "spot": 1},
+        "numTraining": 3,
+        "file_ending": ".mha",
+    }
+    (root / "dataset.json").write_text(json.dumps(description))
+    out = tmp_path / "pre"
+    assert main(["-q", "plan-and-preprocess", str(root), "--preprocessed", str(out), "--num-workers", "1"]) == 0
+    plan = serialization.load(Plan, out / root.name / "plans" / "default.json")
+    assert list(plan.configurations) == ["2d"]
+    assert plan.configuration("2d").spacing_mm == (0.7, 0.5)
+    folder = out / root.name / "default_2d"
+    stored = np.load(folder / "c0_seg.npy")
+    properties = serialization.load(CaseProperties, folder / "c0.json")
+    back = restore_segmentation(np.maximum(stored, 0), properties, plan, plan.configuration("2d"))
+    write_image(back, properties.geometry, tmp_path / "c0_back.mha")
+    written = sitk.ReadImage(str(tmp_path / "c0_back.mha"))
+    assert written.GetDimension() == 2 and written.GetSpacing() == (0.5, 0.7)
+    original = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "labelsTr" / "c0.mha")))
+    assert np.array_equal(sitk.GetArrayFromImage(written), original)
+
+
+def test_msd_multimodal_4d_case(tmp_path):
+    """An MSD case keeps its modalities in one 4D file; each becomes a channel."""
+    import SimpleITK as sitk
+
+    root = tmp_path / "Task01_Brain"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    training = []
+    for i in range(3):
+        image, label = blob_case((12, 20, 18), rng, channels=2)
+        channels = [sitk.GetImageFromArray(c) for c in image]
+        for c in channels:
+            c.SetSpacing((1.0, 1.0, 2.0))
+        sitk.WriteImage(sitk.JoinSeries(channels), str(root / "imagesTr" / f"b{i}.nii.gz"))
+        write_image(label, Geometry((2.0, 1.0, 1.0), (0.0, 0.0, 0.0), IDENTITY), root / "labelsTr" / f"b{i}.nii.gz")
+        training.append({"image": f"./imagesTr/b{i}.nii.gz", "label": f"./labelsTr/b{i}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "FLAIR", "1": "T1w"}, "labels": {"0": "background", "1": "edema", "2": "tumour"},
+        "numTraining": 3, "training": training, "test": [],
+    }))  # fmt: skip
+    out = tmp_path / "pre"
+    assert main(["-q", "check", str(root), "--num-workers", "1"]) == 0
+    assert main(["-q", "plan-and-preprocess", str(root), "--preprocessed", str(out), "--num-workers", "1",
+                 "-c", "3d_fullres"]) == 0  # fmt: skip
+    stored = np.load(out / root.name / "default_3d_fullres" / "b0.npy")
+    assert stored.shape[0] == 2
+    fingerprint = json.loads((out / root.name / "fingerprint.json").read_text())
+    assert fingerprint["channel_names"] == ["FLAIR", "T1w"]
+    assert len(fingerprint["foreground_intensity_per_channel"]) == 2

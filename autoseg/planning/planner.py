@@ -18,6 +18,7 @@ from autoseg.fingerprint import Fingerprint
 from autoseg.plan import Configuration, NetworkPlan, Plan, ResamplingPlan
 from autoseg.planning import topology
 from autoseg.planning.topology import Topology
+from autoseg.preprocessing.resample import compute_new_shape
 from autoseg.registry import Registry
 
 
@@ -85,7 +86,7 @@ class Planner:
             raise AutosegError(f"dataset {fingerprint.dataset_name}: the fingerprint has no cases to plan from")
         target = self.target_spacing(fingerprint)
         forward, backward = self.transpose(target)
-        new_shapes = [topology.compute_new_shape(c.shape_after_crop, c.spacing_mm, target) for c in fingerprint.cases]
+        new_shapes = [compute_new_shape(c.shape_after_crop, c.spacing_mm, target) for c in fingerprint.cases]
         median = np.median(np.array(new_shapes), axis=0)  # may end in .5: kept, as nnU-Net keeps it
         spacing = tuple(target[d] for d in forward)
         median_shape = tuple(float(median[d]) for d in forward)

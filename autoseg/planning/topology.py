@@ -131,13 +131,6 @@ def conv_feature_map_elements(
     return total
 
 
-def compute_new_shape(
-    shape: Sequence[int], old_spacing: Sequence[float], new_spacing: Sequence[float]
-) -> tuple[int, ...]:
-    """The shape of an image after resampling from ``old_spacing`` to ``new_spacing``."""
-    return tuple(round(o / n * s) for s, o, n in zip(shape, old_spacing, new_spacing))
-
-
 def target_spacing(
     spacings: Sequence[Sequence[float]],
     shapes: Sequence[Sequence[int]],

@@ -84,7 +84,10 @@ def _configuration_record(plan: Plan, configuration: Configuration) -> dict[str,
 
 
 def prepare_folder(folder: Path, record: dict[str, object]) -> None:
-    """Make ``folder`` hold data of ``record``'s plan: data made by another plan is removed first."""
+    """Make ``folder`` hold data of ``record``'s plan: data made by another plan is removed first.
+
+    Two runs must not preprocess the same folder at once: each would remove the other's temporaries.
+    """
     record_file = folder / "configuration.json"
     if folder.exists():
         try:
@@ -94,6 +97,9 @@ def prepare_folder(folder: Path, record: dict[str, object]) -> None:
         if old != record:
             shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.glob(".*"):  # temporaries of a run that was killed before it could clean up
+        if leftover.is_file():
+            leftover.unlink()
     if not record_file.exists():
         atomic.write_json(record_file, record)
 
