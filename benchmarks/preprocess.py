@@ -2,7 +2,8 @@
 
     python benchmarks/preprocess.py --cases 20 --workers 2
 
-Generates ``--cases`` brain phantoms of 160×192×160 voxels at 1 mm (the example dataset's generator),
+Generates ``--cases`` brain phantoms of 160×192×160 voxels at 1 mm (the example dataset's generator; with
+``--mixed-spacing`` every third case is at 1.2 mm, so that preprocessing resamples a third of them),
 then runs each stage of autoseg and, when ``nnunetv2`` is installed, of nnU-Net on the same files with
 the same number of worker processes, each stage in its own process. Prints seconds, seconds per case
 and the peak resident memory of the largest process of the stage. nnU-Net installs with
@@ -25,19 +26,24 @@ import numpy as np
 DATASET = "Dataset101_BrainBench"  # nnU-Net needs the DatasetXXX_ form
 
 
-def generate(raw: Path, cases: int, shape: tuple[int, int, int], seed: int) -> Path:
+def generate(raw: Path, cases: int, shape: tuple[int, int, int], seed: int, mixed_spacing: bool) -> Path:
     from autoseg.example import make_phantom
     from autoseg.io import Geometry, write_image
 
     root = raw / DATASET
-    if (root / "dataset.json").is_file() and len(list((root / "labelsTr").glob("*.nii.gz"))) == cases:
+    marker = root / "benchmark.json"
+    settings = {"cases": cases, "shape": list(shape), "seed": seed, "mixed_spacing": mixed_spacing}
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
         return root
     shutil.rmtree(root, ignore_errors=True)
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
-    geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
     for i in range(cases):
-        image, label = make_phantom(shape, (1.0, 1.0, 1.0), np.random.default_rng([seed, i]))
+        # every third case at 1.2 mm when mixed: the median stays 1 mm and those cases are resampled
+        spacing = (1.2, 1.2, 1.2) if mixed_spacing and i % 3 == 2 else (1.0, 1.0, 1.0)
+        grid = tuple(round(s / spacing[0]) for s in shape)
+        geometry = Geometry(spacing, (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+        image, label = make_phantom(grid, spacing, np.random.default_rng([seed, i]))
         write_image(image, geometry, root / "imagesTr" / f"brain_{i:03d}_0000.nii.gz")
         write_image(label.astype(np.uint8), geometry, root / "labelsTr" / f"brain_{i:03d}.nii.gz")
         print(f"\rgenerated {i + 1}/{cases}", end="", flush=True)
@@ -54,6 +60,7 @@ def generate(raw: Path, cases: int, shape: tuple[int, int, int], seed: int) -> P
             indent=2,
         )
     )
+    marker.write_text(json.dumps(settings))
     return root
 
 
@@ -137,18 +144,24 @@ def main() -> None:
     parser.add_argument("--configurations", nargs="+", default=["2d", "3d_fullres"])
     parser.add_argument("--work", type=Path, default=Path("benchmarks/out/preprocess"))
     parser.add_argument("--skip-nnunet", action="store_true")
+    parser.add_argument(
+        "--mixed-spacing",
+        action="store_true",
+        help="every third case at 1.2 mm, so that preprocessing resamples a third of the cases",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     raw = args.work / "raw"
-    root = generate(raw, args.cases, tuple(args.shape), args.seed)
+    root = generate(raw, args.cases, tuple(args.shape), args.seed, args.mixed_spacing)
     ours = run_autoseg(root, args.work, args.workers, args.configurations)
     theirs = None
     if not args.skip_nnunet and shutil.which("nnUNetv2_extract_fingerprint"):
         theirs = run_nnunet(raw, args.work, args.workers, args.configurations)
     n = args.cases
+    spacing_text = "1 mm, every third case 1.2 mm" if args.mixed_spacing else "1 mm"
     print(
-        f"\n{n} cases of {'×'.join(map(str, args.shape))} at 1 mm, {args.workers} workers,"
+        f"\n{n} cases of {'×'.join(map(str, args.shape))} voxels at {spacing_text}, {args.workers} workers,"
         f" configurations {' + '.join(args.configurations)}, {os.cpu_count()} CPUs\n"
     )
     print("| stage | autoseg s | s/case | peak MB | nnU-Net s | s/case | peak MB | nnU-Net/autoseg time |")
