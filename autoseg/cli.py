@@ -79,7 +79,7 @@ def cmd_example(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         show_progress=not args.quiet,
     )
-    print(f"wrote {folder}")
+    print(f"example dataset: {folder}")
     return 0
 
 
@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for plugin in args.plugins:
             load_plugin_file(plugin)
         return int(args.func(args))
-    except AutosegError as exc:
+    except (AutosegError, OSError) as exc:  # bad input, or a full disk / missing permission: no traceback
         if args.debug:
             raise
         print(f"autoseg: error: {exc}", file=sys.stderr)

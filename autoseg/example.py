@@ -12,6 +12,7 @@ folder in the nnU-Net v2 raw layout. Everything is deterministic given the seed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -331,9 +332,12 @@ def make_example_dataset(
         raise AutosegError(f"make_example_dataset: num_training={num_training} must be >= 1, num_test={num_test} >= 0")
     out_dir = Path(out_dir)
     target = out_dir / DATASET_NAME
-    if target.exists() and not overwrite:
-        raise _exists_error(target)
     training, test = case_ids(num_training, num_test)
+    description = dataset_json(num_training, num_test, size, seed)
+    if target.exists() and not overwrite:
+        if _holds_exactly(target, description, training, test):
+            return target  # the same example, complete: running the quickstart twice just reuses it
+        raise _exists_error(target)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{DATASET_NAME}.partial-", dir=out_dir))
     try:
@@ -345,12 +349,27 @@ def make_example_dataset(
         for split in ("Tr", "Ts"):  # present even when empty, as nnU-Net expects
             (staging / f"images{split}").mkdir(exist_ok=True)
             (staging / f"labels{split}").mkdir(exist_ok=True)
-        atomic.write_json(staging / "dataset.json", dataset_json(num_training, num_test, size, seed))
+        atomic.write_json(staging / "dataset.json", description)
         _move_into_place(staging, target, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _holds_exactly(target: Path, description: dict[str, object], training: list[str], test: list[str]) -> bool:
+    """True when ``target`` is this very example (same settings, every file, nothing else)."""
+    try:
+        if json.loads((target / "dataset.json").read_text(encoding="utf-8")) != description:
+            return False
+    except (OSError, ValueError):
+        return False
+    expected = {"dataset.json"}
+    for split, ids in (("Tr", training), ("Ts", test)):
+        expected |= {f"images{split}/{c}_0000{FILE_ENDING}" for c in ids} | {f"images{split}", f"labels{split}"}
+        expected |= {f"labels{split}/{c}{FILE_ENDING}" for c in ids}
+    present = {p.relative_to(target).as_posix() for p in target.rglob("*")}
+    return present == expected
 
 
 def _exists_error(target: Path) -> AutosegError:
@@ -361,7 +380,8 @@ def _exists_error(target: Path) -> AutosegError:
     ]
     state = f"is incomplete (missing {', '.join(missing)})" if missing else "holds a complete dataset"
     return AutosegError(
-        f"{target} already exists and {state}; pass overwrite=True to replace it, or choose another output folder"
+        f"{target} already exists and {state}, made with other settings or changed since; pass --overwrite"
+        " (overwrite=True) to replace it, or choose another output folder"
     )
 
 

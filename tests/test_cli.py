@@ -84,3 +84,11 @@ def test_example_then_check_is_clean(tmp_path, capsys):
     assert main(["-q", "example", str(tmp_path), "--num-training", "3", "--num-test", "1", "--size", "24"]) == 0
     assert main(["-q", "check", str(tmp_path / "Dataset001_BrainPhantom"), "--num-workers", "1"]) == 0
     assert "OK (3 training, 1 test cases" in capsys.readouterr().out
+
+
+def test_unwritable_output_is_a_message_not_a_traceback(make_dataset, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(["-q", "fingerprint", str(make_dataset()), "--preprocessed", str(blocker), "--num-workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autoseg: error:") and "a_file" in err and "Traceback" not in err

@@ -107,6 +107,7 @@ def test_existing_dataset_needs_overwrite(tmp_path: Path) -> None:
         )
 
     target = make()
+    assert make() == target  # the same example again is reused, not an error
     marker = target / "marker.txt"
     marker.write_text("user data")
     with pytest.raises(AutosegError, match="Dataset001_BrainPhantom"):
