@@ -140,8 +140,20 @@ def _num_training(description: dict[str, Any], file: Path) -> int:
     return value
 
 
+NNUNET_REQUIRED_FIELDS = {
+    "channel_names": '"channel_names": {"0": "T1"}',
+    "labels": '"labels": {"background": 0, "tumour": 1}',
+    "numTraining": '"numTraining": 24',
+    "file_ending": '"file_ending": ".nii.gz"',
+}
+
+
 def _load_nnunet(root: Path, description: dict[str, Any]) -> DatasetSpec:
     file = root / "dataset.json"
+    missing = [field for field in NNUNET_REQUIRED_FIELDS if field not in description]
+    if len(missing) > 1:
+        examples = ", ".join(NNUNET_REQUIRED_FIELDS[f] for f in missing)
+        raise DatasetError(f"{file}: fields {', '.join(missing)} are missing; e.g. {examples}")
     channel_names = _channel_names(
         _require(description, "channel_names", file, 'e.g. "channel_names": {"0": "T1"}'),
         "channel_names",

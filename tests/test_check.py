@@ -274,3 +274,10 @@ def test_datasets_json_example_loads(tmp_path):
     assert spec.channel_names == ("T1", "T2")
     assert spec.labels["white_matter"] == 3
     assert problems_of(root) == []
+
+
+def test_every_missing_dataset_json_field_is_named(make_dataset):
+    root = make_dataset()
+    (root / "dataset.json").write_text("{}")
+    with pytest.raises(DatasetError, match="fields channel_names, labels, numTraining, file_ending are missing"):
+        load_dataset(root)
