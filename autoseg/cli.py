@@ -150,13 +150,17 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_plan_and_preprocess(args: argparse.Namespace) -> int:
-    from autoseg import pipeline
+    from autoseg.pipeline import plan_and_preprocess
 
     paths = _paths(args)
     started = time.perf_counter()
-    print(f"wrote {pipeline.fingerprint(args.dataset, paths, args.num_workers, show_progress=not args.quiet)}")
-    cmd_plan(args)
-    cmd_preprocess(args)
+    folders = plan_and_preprocess(
+        args.dataset, paths, args.planner, args.gpu_memory_gb, args.configurations, args.num_workers,
+        show_progress=not args.quiet,
+    )  # fmt: skip
+    _print_plan(paths.plan_file(Path(args.dataset).name, args.planner))
+    for name, folder in folders.items():
+        print(f"{name}: {folder}")
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -91,10 +91,13 @@ def load_dataset(root: str | Path) -> DatasetSpec:
     return _load_nnunet(root, description)
 
 
-def _require(description: dict[str, Any], field: str, file: Path, hint: str) -> Any:
-    if field not in description:
-        raise DatasetError(f"{file}: field {field!r} is missing; {hint}")
-    return description[field]
+def _require_fields(description: dict[str, Any], examples: dict[str, str], file: Path) -> None:
+    """Fail naming every missing field at once, each with an example of its form."""
+    missing = [field for field in examples if field not in description]
+    if not missing:
+        return
+    noun = f"field {missing[0]!r} is" if len(missing) == 1 else f"fields {', '.join(missing)} are"
+    raise DatasetError(f"{file}: {noun} missing; e.g. {', '.join(examples[f] for f in missing)}")
 
 
 def _channel_names(raw: Any, field: str, file: Path) -> tuple[str, ...]:
@@ -134,7 +137,7 @@ def _validated_labels(labels: dict[str, int], file: Path) -> dict[str, int]:
 
 
 def _num_training(description: dict[str, Any], file: Path) -> int:
-    value = _require(description, "numTraining", file, "set it to the number of training cases")
+    value = description["numTraining"]
     if isinstance(value, bool) or not isinstance(value, int):
         raise DatasetError(f"{file}: 'numTraining' must be an integer, got {value!r}")
     return value
@@ -146,21 +149,20 @@ NNUNET_REQUIRED_FIELDS = {
     "numTraining": '"numTraining": 24',
     "file_ending": '"file_ending": ".nii.gz"',
 }
+MSD_REQUIRED_FIELDS = {
+    "modality": '"modality": {"0": "MRI"}',
+    "labels": '"labels": {"0": "background", "1": "tumour"}',
+    "numTraining": '"numTraining": 24',
+    "training": '"training": [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}]',
+}
 
 
 def _load_nnunet(root: Path, description: dict[str, Any]) -> DatasetSpec:
     file = root / "dataset.json"
-    missing = [field for field in NNUNET_REQUIRED_FIELDS if field not in description]
-    if len(missing) > 1:
-        examples = ", ".join(NNUNET_REQUIRED_FIELDS[f] for f in missing)
-        raise DatasetError(f"{file}: fields {', '.join(missing)} are missing; e.g. {examples}")
-    channel_names = _channel_names(
-        _require(description, "channel_names", file, 'e.g. "channel_names": {"0": "T1"}'),
-        "channel_names",
-        file,
-    )
-    labels = _labels_nnunet(_require(description, "labels", file, 'e.g. "labels": {"background": 0}'), file)
-    ending = _require(description, "file_ending", file, 'e.g. "file_ending": ".nii.gz"')
+    _require_fields(description, NNUNET_REQUIRED_FIELDS, file)
+    channel_names = _channel_names(description["channel_names"], "channel_names", file)
+    labels = _labels_nnunet(description["labels"], file)
+    ending = description["file_ending"]
     if ending not in SUPPORTED_ENDINGS:
         raise DatasetError(f"{file}: file_ending {ending!r} is not supported; use one of {SUPPORTED_ENDINGS}")
     num_training = _num_training(description, file)
@@ -215,10 +217,9 @@ def _discover(
 
 def _load_msd(root: Path, description: dict[str, Any]) -> DatasetSpec:
     file = root / "dataset.json"
-    channel_names = _channel_names(
-        _require(description, "modality", file, 'e.g. "modality": {"0": "MRI"}'), "modality", file
-    )
-    raw_labels = _require(description, "labels", file, 'e.g. "labels": {"0": "background", "1": "tumour"}')
+    _require_fields(description, MSD_REQUIRED_FIELDS, file)
+    channel_names = _channel_names(description["modality"], "modality", file)
+    raw_labels = description["labels"]
     if not isinstance(raw_labels, dict):
         raise DatasetError(f'{file}: "labels" must be an object like {{"0": "background"}}')
     try:
@@ -226,7 +227,7 @@ def _load_msd(root: Path, description: dict[str, Any]) -> DatasetSpec:
     except ValueError:
         raise DatasetError(f"{file}: MSD label keys must be integers as strings; got {list(raw_labels)}") from None
     labels = _validated_labels(labels, file)
-    training_list = _require(description, "training", file, 'a list of {"image": ..., "label": ...}')
+    training_list = description["training"]
     if not isinstance(training_list, list):
         raise DatasetError(f'{file}: "training" must be a list of {{"image": ..., "label": ...}}')
     training = []
