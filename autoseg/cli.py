@@ -64,7 +64,74 @@ def _add_configurations(p: argparse.ArgumentParser) -> None:
 def _paths(args: argparse.Namespace) -> Any:
     from autoseg.paths import Paths
 
-    return Paths.resolve(args.preprocessed)
+    return Paths.resolve(args.preprocessed, getattr(args, "results", None))
+
+
+def _add_results(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", metavar="DIR", help="root folder for trained models (default: $AUTOSEG_RESULTS)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from autoseg.pipeline import train
+    from autoseg.training.trainer import TrainOptions
+
+    options = TrainOptions(
+        epochs=args.epochs,
+        iterations_per_epoch=args.iterations_per_epoch,
+        val_iterations=args.val_iterations,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        device=args.device,
+        compile=args.compile,
+        fast_dev_run=args.fast_dev_run,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        save_probabilities=args.save_probabilities,
+        validation_mirroring=not args.no_tta,
+        show_progress=not args.quiet,
+    )
+    started = time.perf_counter()
+    folder = train(args.dataset, _paths(args), args.configuration, args.fold, args.trainer, args.planner, options)
+    summary = folder / "validation" / "summary.json"
+    if summary.is_file() and not args.quiet:
+        import json
+
+        mean = json.loads(summary.read_text())["foreground_mean"].get("Dice")
+        print(f"validation: mean foreground Dice {mean if mean is None else round(mean, 4)} ({summary})")
+    print(f"{folder} (done in {time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from autoseg.evaluation.evaluate import evaluate_folder
+
+    output = Path(args.output) if args.output else Path(args.pred_dir) / "summary.json"
+    summary = evaluate_folder(
+        Path(args.pred_dir),
+        Path(args.gt_dir),
+        file_ending=args.file_ending,
+        output_file=output,
+        tolerance_mm=args.tolerance_mm,
+        num_workers=args.num_workers,
+        show_progress=not args.quiet,
+    )
+    means = summary["mean"]
+    print(f"{'label':<8} {'Dice':>8} {'IoU':>8} {'HD95 mm':>9} {'NSD':>8}")
+
+    def fmt(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    def row(name: str, m: dict[str, Any]) -> str:
+        dice, iou, hd95, nsd = (fmt(m.get(k)) for k in ("Dice", "IoU", "HD95_mm", "NSD"))
+        return f"{name:<8} {dice:>8} {iou:>8} {hd95:>9} {nsd:>8}"
+
+    for label, m in means.items():
+        print(row(label, m))
+    print(row("fg mean", summary["foreground_mean"]))
+    print(f"written: {output}")
+    return 0
 
 
 def cmd_example(args: argparse.Namespace) -> int:
@@ -166,11 +233,18 @@ def cmd_plan_and_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from autoseg.networks import NETWORKS
     from autoseg.planning import PLANNERS
     from autoseg.preprocessing.normalize import NORMALIZERS
     from autoseg.registry import Registry
+    from autoseg.training.trainer import TRAINERS
 
-    registries: dict[str, Registry[Any]] = {"planners": PLANNERS, "normalizers": NORMALIZERS}
+    registries: dict[str, Registry[Any]] = {
+        "planners": PLANNERS,
+        "normalizers": NORMALIZERS,
+        "trainers": TRAINERS,
+        "networks": NETWORKS,
+    }
     registry = registries[args.kind]
     for name, obj in registry.items():
         doc = (obj.__doc__ or "").strip().splitlines()
@@ -284,21 +358,72 @@ def build_parser() -> argparse.ArgumentParser:
         _add_workers,
     )
 
+    p = _command(
+        sub,
+        cmd_train,
+        "train",
+        "train one fold of one configuration",
+        "Train CONFIGURATION on fold FOLD of the cross-validation, then predict and score the fold's held-out"
+        " cases. Writes <results>/<dataset>/<trainer>__<planner>__<configuration>/fold_<k>/. For several GPUs:"
+        " torchrun --nproc_per_node N -m autoseg train ...",
+        _add_dataset,
+        _add_preprocessed,
+        _add_results,
+        _add_planner,
+    )
+    p.add_argument("configuration", metavar="CONFIGURATION", help="a configuration of the plan, e.g. 3d_fullres")
+    p.add_argument("fold", metavar="FOLD", type=int, help="fold of splits.json to train (0-4 by default)")
+    p.add_argument("--trainer", default="default", help="trainer name (see `autoseg list trainers`)")
+    p.add_argument("--epochs", type=int, metavar="N", help="epochs (default: the trainer's, 1000)")
+    p.add_argument("--iterations-per-epoch", type=int, metavar="N", help="training steps per epoch (default: 250)")
+    p.add_argument("--val-iterations", type=int, metavar="N", help="validation batches per epoch (default: 50)")
+    p.add_argument("--lr", type=float, metavar="LR", help="initial learning rate (default: the trainer's, 0.01)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="batch size over all processes (default: the plan's)")
+    p.add_argument(
+        "--num-workers", type=int, metavar="N", help="data-loading processes (default: the available cores; 0 = none)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and sampling (default: 0)")
+    p.add_argument("--device", metavar="DEV", help="cuda, cuda:1, mps or cpu (default: CUDA, then MPS, then CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA; slow first step)")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest (a larger --epochs extends)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run in the fold folder")
+    p.add_argument("--save-probabilities", action="store_true", help="also save validation class probabilities")
+    p.add_argument("--no-tta", action="store_true", help="validate without mirror test-time augmentation")
+    p.add_argument("--fast-dev-run", action="store_true", help="2 epochs of 2 iterations, 2 validation cases")
+
+    p = _command(
+        sub,
+        cmd_evaluate,
+        "evaluate",
+        "score a folder of predictions against references",
+        "Per case and label: TP, FP, FN, TN, Dice, IoU, volumes, HD95 and normalised surface Dice (mm);"
+        " writes summary.json with per-label and foreground means.",
+    )
+    p.add_argument("pred_dir", metavar="PRED_DIR", help="folder of predicted segmentations")
+    p.add_argument("gt_dir", metavar="GT_DIR", help="folder of reference segmentations with the same file names")
+    p.add_argument("-o", "--output", metavar="FILE", help="summary file (default: PRED_DIR/summary.json)")
+    p.add_argument("--file-ending", help="e.g. .nii.gz (default: the most common ending in GT_DIR)")
+    p.add_argument("--tolerance-mm", type=float, default=1.0, help="surface Dice tolerance in mm (default: 1)")
+    _add_workers(p)
+
     p = _command(sub, cmd_list, "list", "list registered plug-ins", "List plug-ins with one line each.")
-    p.add_argument("kind", choices=["planners", "normalizers"], help="which registry to list")
+    p.add_argument("kind", choices=["planners", "trainers", "networks", "normalizers"], help="which registry to list")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from autoseg.errors import AutosegError
+    from autoseg.errors import AutosegError, TrainingInterrupted
     from autoseg.registry import load_plugin_file
 
     try:
         for plugin in args.plugins:
             load_plugin_file(plugin)
         return int(args.func(args))
+    except TrainingInterrupted as exc:
+        print(f"autoseg: {exc}", file=sys.stderr)
+        return 130
     except (AutosegError, OSError) as exc:  # bad input, or a full disk / missing permission: no traceback
         if args.debug:
             raise

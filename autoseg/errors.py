@@ -7,3 +7,7 @@ class AutosegError(Exception):
 
 class SchemaError(AutosegError):
     """A JSON file does not match the schema it is read as."""
+
+
+class TrainingInterrupted(AutosegError):
+    """Ctrl-C or SIGTERM during training; the state was saved and ``--resume`` continues it."""

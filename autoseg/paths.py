@@ -6,6 +6,11 @@ Layout under the preprocessed root, per dataset (named after its folder)::
     <preprocessed>/<dataset>/plans/<planner>.json
     <preprocessed>/<dataset>/<planner>_<configuration>/     one folder per configuration's data
     <preprocessed>/<dataset>/gt_segmentations/               copies of the training labels
+    <preprocessed>/<dataset>/splits.json                     the cross-validation folds (user-editable)
+
+and under the results root::
+
+    <results>/<dataset>/<trainer>__<planner>__<configuration>/fold_<k>/
 """
 
 from __future__ import annotations
@@ -29,10 +34,23 @@ def _resolve_one(flag_value: str | Path | None, flag: str, variable: str, what: 
 @dataclass(frozen=True)
 class Paths:
     preprocessed: Path
+    results_root: Path | None = None
 
     @staticmethod
-    def resolve(preprocessed: str | Path | None = None) -> Paths:
-        return Paths(_resolve_one(preprocessed, "--preprocessed", "AUTOSEG_PREPROCESSED", "preprocessed data"))
+    def resolve(preprocessed: str | Path | None = None, results: str | Path | None = None) -> Paths:
+        """The preprocessed root is always needed; the results root only by commands that call ``results``."""
+        pre = _resolve_one(preprocessed, "--preprocessed", "AUTOSEG_PREPROCESSED", "preprocessed data")
+        res = results or os.environ.get("AUTOSEG_RESULTS")
+        return Paths(pre, Path(res) if res else None)
+
+    @property
+    def results(self) -> Path:
+        if self.results_root is None:
+            raise AutosegError(
+                "no folder for results (trained models): pass --results DIR or set the environment variable"
+                " AUTOSEG_RESULTS"
+            )
+        return self.results_root
 
     def dataset_dir(self, dataset: str) -> Path:
         return self.preprocessed / dataset
@@ -48,3 +66,12 @@ class Paths:
 
     def ground_truth_dir(self, dataset: str) -> Path:
         return self.dataset_dir(dataset) / "gt_segmentations"
+
+    def splits_file(self, dataset: str) -> Path:
+        return self.dataset_dir(dataset) / "splits.json"
+
+    def model_dir(self, dataset: str, trainer: str, planner: str, configuration: str) -> Path:
+        return self.results / dataset / f"{trainer}__{planner}__{configuration}"
+
+    def fold_dir(self, dataset: str, trainer: str, planner: str, configuration: str, fold: int | str) -> Path:
+        return self.model_dir(dataset, trainer, planner, configuration) / f"fold_{fold}"

@@ -6,6 +6,7 @@ The CLI is a thin shim over these; they are also the Python API.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autoseg import serialization
 from autoseg.check import DatasetCheckFailed, Problem, check_dataset, check_headers
@@ -14,6 +15,9 @@ from autoseg.errors import AutosegError
 from autoseg.fingerprint import Fingerprint, extract_fingerprint
 from autoseg.paths import Paths
 from autoseg.plan import Plan
+
+if TYPE_CHECKING:
+    from autoseg.training.trainer import TrainOptions
 
 
 def checked_dataset(dataset: str | Path) -> DatasetSpec:
@@ -100,3 +104,47 @@ def plan_and_preprocess(
     fingerprint(dataset, paths, num_workers=num_workers, show_progress=show_progress)
     plan(dataset, paths, planner=planner, gpu_memory_gb=gpu_memory_gb)
     return preprocess(dataset, paths, planner, configurations, num_workers, show_progress)
+
+
+def train(
+    dataset: str | Path,
+    paths: Paths,
+    configuration: str,
+    fold: int,
+    trainer: str = "default",
+    planner: str = "default",
+    options: TrainOptions | None = None,
+) -> Path:
+    """Train one fold of one configuration and validate it on the fold's whole held-out cases.
+
+    Writes ``<results>/<dataset>/<trainer>__<planner>__<configuration>/fold_<fold>/`` and returns it.
+    """
+    from autoseg.preprocessing.run import is_complete
+    from autoseg.training.trainer import TRAINERS, TrainingSetup
+
+    spec = checked_dataset(dataset)
+    the_plan = load_plan(spec, paths, planner)
+    conf = the_plan.configuration(configuration)
+    trainer_class = TRAINERS.get(trainer)
+    data_dir = paths.configuration_dir(spec.name, conf.data_identifier)
+    case_ids = tuple(case.case_id for case in spec.training)
+    missing = [c for c in case_ids if not is_complete(data_dir, c)]
+    if missing:
+        raise AutosegError(
+            f"{data_dir}: {len(missing)} of {len(case_ids)} cases are not preprocessed (first: {missing[0]}). Fix:"
+            f" autoseg preprocess {spec.root} --planner {planner} -c {configuration}"
+        )
+    setup = TrainingSetup(
+        dataset=spec.name,
+        plan=the_plan,
+        configuration=conf,
+        fold=fold,
+        trainer_name=trainer,
+        case_ids=case_ids,
+        data_dir=data_dir,
+        splits_file=paths.splits_file(spec.name),
+        ground_truth_dir=paths.ground_truth_dir(spec.name),
+        file_ending=spec.file_ending,
+        output_dir=paths.fold_dir(spec.name, trainer, planner, configuration, fold),
+    )
+    return trainer_class(setup, options).fit()

@@ -81,6 +81,9 @@ def load_plugin_file(path: str | Path) -> None:
     if not path.is_file():
         raise AutosegError(f"plug-in file {path} does not exist (given with --plugins)")
     module_name = f"autoseg_user_plugin_{path.stem}"
+    loaded = sys.modules.get(module_name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "")).resolve() == path.resolve():
+        return  # already imported in this process: importing again would register everything twice
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise AutosegError(f"plug-in file {path} is not a Python module (given with --plugins)")

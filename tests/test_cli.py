@@ -9,7 +9,7 @@ import pytest
 
 from autoseg.cli import build_parser, main
 
-COMMANDS = ["example", "check", "fingerprint", "plan", "preprocess", "plan-and-preprocess", "list"]
+COMMANDS = ["example", "check", "fingerprint", "plan", "preprocess", "plan-and-preprocess", "list", "train", "evaluate"]
 
 
 def test_top_level_help_lists_every_command(capsys):
@@ -92,3 +92,10 @@ def test_unwritable_output_is_a_message_not_a_traceback(make_dataset, tmp_path, 
     assert main(["-q", "fingerprint", str(make_dataset()), "--preprocessed", str(blocker), "--num-workers", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("autoseg: error:") and "a_file" in err and "Traceback" not in err
+
+
+def test_list_trainers_and_networks(capsys):
+    assert main(["list", "trainers"]) == 0
+    assert capsys.readouterr().out.startswith("default")
+    assert main(["list", "networks"]) == 0
+    assert "plain_unet" in capsys.readouterr().out

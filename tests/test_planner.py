@@ -12,6 +12,7 @@ import pytest
 from autoseg import serialization
 from autoseg.errors import AutosegError
 from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats
+from autoseg.networks import feature_map_elements
 from autoseg.plan import Plan
 from autoseg.planning import topology
 from autoseg.planning.planner import PLANNERS, Planner, plan_dataset, register_planner
@@ -259,7 +260,7 @@ def test_feature_map_elements_match_dynamic_network_architectures() -> None:
                 deep_supervision=deep_supervision,
             )  # fmt: skip
             expected = int(net.compute_conv_feature_map_size(topo.patch_size))
-            assert topology.conv_feature_map_elements(network, topo.patch_size, 1, 3, deep_supervision) == expected
+            assert feature_map_elements(network, topo.patch_size, 1, 3, deep_supervision) == expected
 
 
 def test_topology_matches_nnunet_on_random_inputs() -> None:

@@ -34,7 +34,7 @@ class Planner:
     min_feature_map_edge: ClassVar[int] = 4
     n_conv_per_stage_encoder: ClassVar[int] = 2  # nnU-Net's UNet_blocks_per_stage_encoder
     n_conv_per_stage_decoder: ClassVar[int] = 2  # nnU-Net's UNet_blocks_per_stage_decoder
-    # Memory budget, in conv output elements at batch 1 (see topology.conv_feature_map_elements): nnU-Net
+    # Memory budget, in conv output elements at batch 1 (see autoseg.networks.feature_map_elements): nnU-Net
     # set these so that v2 reproduces v1's configurations, which fit 8 GB at these batch sizes.
     reference_elements_3d: ClassVar[float] = 560e6
     reference_elements_2d: ClassVar[float] = 85e6
@@ -206,7 +206,11 @@ class Planner:
         )
 
     def estimate_memory(self, network: NetworkPlan, patch_size: Sequence[int], n_in: int, n_classes: int) -> int:
-        return topology.conv_feature_map_elements(network, patch_size, n_in, n_classes)
+        """Conv output elements of the network ``build_network`` makes from this plan, at batch 1."""
+        # Imported here: it brings in torch, which commands that only list or read plans do not need.
+        from autoseg.networks import feature_map_elements
+
+        return feature_map_elements(network, patch_size, n_in, n_classes)
 
     def memory_reference(self, dim: int) -> tuple[float, int]:
         """(elements that fit this GPU at the reference batch size, that batch size)."""

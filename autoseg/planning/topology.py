@@ -1,10 +1,10 @@
-"""Pure geometry of a plan: target spacing, resampled shapes, pooling/kernel topology, memory estimate.
+"""Pure geometry of a plan: target spacing, resampled shapes, pooling/kernel topology.
 
-The rules reproduce nnU-Net v2 (``default_experiment_planner.py``, ``network_topology.py`` and
-``dynamic_network_architectures``' ``compute_conv_feature_map_size``) to the last voxel, so that a plan
-made here matches the one nnU-Net makes for the same fingerprint. Where nnU-Net works in floating point
-(percentiles, 1/spacing scaling) the same numpy operations are used in the same order, because a
-one-ulp difference can flip a rounding and change a patch edge.
+The rules reproduce nnU-Net v2 (``default_experiment_planner.py``, ``network_topology.py``) to the last
+voxel, so that a plan made here matches the one nnU-Net makes for the same fingerprint. Where nnU-Net
+works in floating point (percentiles, 1/spacing scaling) the same numpy operations are used in the same
+order, because a one-ulp difference can flip a rounding and change a patch edge. The memory estimate is
+not here: ``autoseg.networks.feature_map_elements`` counts it on the network itself.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from autoseg.plan import NetworkPlan
 
 
 @dataclass(frozen=True)
@@ -94,41 +92,6 @@ def pool_and_kernel_topology(
     kernel_sizes.append((3,) * dim)  # the bottleneck always sees full 3x3(x3) context
     divisors = [2**n for n in pools_per_axis]
     return Topology(tuple(pools_per_axis), tuple(strides), tuple(kernel_sizes), pad_to_multiple(patch_size, divisors))
-
-
-def conv_feature_map_elements(
-    network: NetworkPlan,
-    patch_size: Sequence[int],
-    num_input_channels: int,
-    num_classes: int,
-    deep_supervision: bool = False,
-) -> int:
-    """Elements of every convolution output of a plain U-Net at batch size 1: nnU-Net's memory proxy.
-
-    Counts what dynamic_network_architectures' PlainConvUNet.compute_conv_feature_map_size counts:
-    each encoder and decoder conv, each transposed conv and the segmentation head(s). The input itself
-    is not counted, so ``num_input_channels`` does not enter; it is a parameter so that a variant
-    whose network has an input-dependent stem can count it. nnU-Net's planner builds the network
-    without deep supervision (get_network_from_plans leaves the network's default, False), so only the
-    full-resolution head is counted unless ``deep_supervision`` is set.
-    """
-    del num_input_channels
-    stage_shapes: list[list[int]] = []  # output shape of each encoder stage (floor division, same padding)
-    shape = list(patch_size)
-    for stride in network.strides:
-        shape = [s // k for s, k in zip(shape, stride)]
-        stage_shapes.append(shape)
-    features = network.features_per_stage
-    total = sum(n_conv * f * math.prod(s) for n_conv, f, s in zip(network.n_conv_per_stage, features, stage_shapes))
-    last = network.num_stages - 2
-    for i, n_conv in enumerate(network.n_conv_per_stage_decoder):  # lowest resolution first
-        skip = last - i
-        voxels = math.prod(stage_shapes[skip])
-        total += n_conv * features[skip] * voxels  # the stage's convs
-        total += features[skip] * voxels  # the transposed conv into it
-        if deep_supervision or i == last:
-            total += num_classes * voxels
-    return total
 
 
 def target_spacing(

@@ -1,0 +1,297 @@
+"""nnU-Net v2's training augmentation on the CPU, built from batchgenerators transforms.
+
+``spatial_setup`` decides from the patch size how to rotate and mirror and how large a sample to cut;
+``train_transforms`` builds the transform chain; a ``BatchAugmenter`` applies a chain to one batch
+reproducibly from an integer seed. The loader only knows the ``BatchAugmenter`` protocol, so a GPU
+implementation (reading the same ``AugmentationParams``) can replace the CPU one later.
+
+Arrays follow batchgenerators: image ``(B, C, *spatial)`` under the key ``"data"``, label ``(B, 1, *spatial)``
+under ``"seg"``. Labels keep -1 where the sample was padded or rotation pulled in the outside: the loss
+ignores it (nnU-Net v2 turns it into background instead).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from batchgenerators.augmentations.utils import rotate_coords_2d, rotate_coords_3d
+from batchgenerators.transforms.abstract_transforms import AbstractTransform, Compose
+from batchgenerators.transforms.color_transforms import (
+    BrightnessMultiplicativeTransform,
+    ContrastAugmentationTransform,
+    GammaTransform,
+)
+from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
+from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
+from batchgenerators.transforms.spatial_transforms import SpatialTransform
+
+from autoseg.augment.params import AugmentationParams
+
+IGNORE_LABEL = -1  # label value outside the sampled image; the loss ignores it
+DATA_KEY = "data"  # batchgenerators' key names
+LABEL_KEY = "seg"
+
+
+@dataclass(frozen=True)
+class SpatialSetup:
+    """How a patch size is augmented spatially (nnU-Net's configure_rotation_dummyDA_mirroring...)."""
+
+    # (low, high) in radians for each angle SpatialTransform draws: three (x, y, z) for 3D patches, one
+    # in-plane angle for 2D patches and for the dummy-2D mode
+    rotation_rad: tuple[tuple[float, float], ...]
+    do_dummy_2d: bool  # anisotropic 3D patch: rotate and scale each slice in-plane only
+    mirror_axes: tuple[int, ...]  # spatial axes mirrored in training, and so allowed for test-time mirroring
+    sample_size: tuple[int, ...]  # the enlarged size cut before spatial augmentation
+
+
+def _symmetric_rad(degrees: float) -> tuple[float, float]:
+    return (-math.radians(degrees), math.radians(degrees))
+
+
+def enlarged_size(
+    patch_size: Sequence[int], rotation_rad: Sequence[tuple[float, float]], scale_range: tuple[float, float]
+) -> tuple[int, ...]:
+    """nnU-Net's ``get_patch_size``: the sample size from which rotation and scaling can cut ``patch_size``.
+
+    Each axis rotates the patch's corner vector by its largest angle (capped at 90 degrees) and keeps the
+    largest extent per axis; then the result is divided by the smallest scale factor.
+    """
+    coords = np.array(patch_size, dtype=float)
+    extent = coords.copy()
+    angles = [min(max(abs(lo), abs(hi)), math.pi / 2) for lo, hi in rotation_rad]
+    if len(coords) == 3:
+        for axis, angle in enumerate(angles):
+            per_axis = [0.0, 0.0, 0.0]
+            per_axis[axis] = angle
+            extent = np.maximum(extent, np.abs(rotate_coords_3d(coords, *per_axis)))
+    else:
+        extent = np.maximum(extent, np.abs(rotate_coords_2d(coords, angles[0])))
+    return tuple(int(e) for e in extent / min(scale_range))
+
+
+def spatial_setup(patch_size: Sequence[int], params: AugmentationParams | None = None) -> SpatialSetup:
+    params = params or AugmentationParams()
+    patch = tuple(int(p) for p in patch_size)
+    if len(patch) == 2:
+        elongated = max(patch) / min(patch) > params.elongated_2d_ratio
+        degrees = params.rotation_2d_elongated_deg if elongated else params.rotation_2d_deg
+        rotation: tuple[tuple[float, float], ...] = (_symmetric_rad(degrees),)
+        return SpatialSetup(rotation, False, (0, 1), enlarged_size(patch, rotation, params.sample_size_scale_range))
+    if len(patch) != 3:
+        raise ValueError(f"patch_size must have 2 or 3 entries, got {patch}")
+    if max(patch) / patch[0] > params.anisotropy_threshold:
+        rotation = (_symmetric_rad(params.rotation_2d_deg),)
+        in_plane = enlarged_size(patch[1:], rotation, params.sample_size_scale_range)
+        return SpatialSetup(rotation, True, (0, 1, 2), (patch[0], *in_plane))
+    rotation = (_symmetric_rad(params.rotation_3d_deg),) * 3
+    return SpatialSetup(rotation, False, (0, 1, 2), enlarged_size(patch, rotation, params.sample_size_scale_range))
+
+
+class Convert3DTo2DTransform(AbstractTransform):
+    """Fold the first spatial axis into the channels: (B, C, z, y, x) -> (B, C*z, y, x), for dummy 2D."""
+
+    def __call__(self, **data_dict: Any) -> dict[str, Any]:
+        for key in (DATA_KEY, LABEL_KEY):
+            array = data_dict.get(key)
+            if array is not None:
+                data_dict[f"{key}_shape_3d"] = array.shape
+                data_dict[key] = array.reshape(array.shape[0], array.shape[1] * array.shape[2], *array.shape[3:])
+        return data_dict
+
+
+class Convert2DTo3DTransform(AbstractTransform):
+    """Undo Convert3DTo2DTransform; the in-plane size may have changed in between."""
+
+    def __call__(self, **data_dict: Any) -> dict[str, Any]:
+        for key in (DATA_KEY, LABEL_KEY):
+            shape = data_dict.pop(f"{key}_shape_3d", None)
+            if shape is not None:
+                array = data_dict[key]
+                data_dict[key] = array.reshape(shape[0], shape[1], shape[2], *array.shape[2:])
+        return data_dict
+
+
+class MirrorAxesTransform(AbstractTransform):
+    """Flip each allowed spatial axis of every sample with ``p_per_axis``, image and label alike.
+
+    batchgenerators' MirrorTransform fixes the per-axis probability at 0.5; this one takes it as a value.
+    """
+
+    def __init__(self, axes: Sequence[int], p_per_axis: float) -> None:
+        self.axes = tuple(axes)
+        self.p_per_axis = p_per_axis
+
+    def __call__(self, **data_dict: Any) -> dict[str, Any]:
+        data = data_dict[DATA_KEY]
+        seg = data_dict.get(LABEL_KEY)
+        for b in range(len(data)):
+            for axis in self.axes:
+                if np.random.uniform() < self.p_per_axis:
+                    data[b] = np.flip(data[b], axis + 1).copy()
+                    if seg is not None:
+                        seg[b] = np.flip(seg[b], axis + 1).copy()
+        return data_dict
+
+
+def _spatial_transform(patch_size: Sequence[int], setup: SpatialSetup, params: AugmentationParams) -> SpatialTransform:
+    final = tuple(patch_size[1:]) if setup.do_dummy_2d else tuple(patch_size)
+    angles = list(setup.rotation_rad) + [(0.0, 0.0)] * (3 - len(setup.rotation_rad))
+    return SpatialTransform(
+        final,
+        patch_center_dist_from_border=None,
+        do_elastic_deform=params.p_elastic > 0,
+        alpha=params.elastic_alpha,
+        sigma=params.elastic_sigma,
+        p_el_per_sample=params.p_elastic,
+        do_rotation=params.p_rotation > 0,
+        angle_x=angles[0],
+        angle_y=angles[1],
+        angle_z=angles[2],
+        p_rot_per_sample=params.p_rotation,
+        p_rot_per_axis=params.p_rotation_per_axis,
+        do_scale=params.p_scaling > 0,
+        scale=params.scaling_range,
+        p_scale_per_sample=params.p_scaling,
+        independent_scale_for_each_axis=params.independent_scale_per_axis,
+        border_mode_data="constant",
+        border_cval_data=0,
+        order_data=params.order_image,
+        border_mode_seg="constant",
+        border_cval_seg=IGNORE_LABEL,
+        order_seg=params.order_label,
+        random_crop=False,  # the sampler already placed the patch; cut its centre
+        data_key=DATA_KEY,
+        label_key=LABEL_KEY,
+    )
+
+
+def _intensity_transforms(setup: SpatialSetup, params: AugmentationParams) -> list[AbstractTransform]:
+    candidates: list[tuple[float, AbstractTransform]] = [
+        (
+            params.p_gaussian_noise,
+            GaussianNoiseTransform(params.gaussian_noise_variance, p_per_sample=params.p_gaussian_noise),
+        ),
+        (
+            params.p_gaussian_blur,
+            GaussianBlurTransform(
+                params.blur_sigma,
+                different_sigma_per_channel=params.blur_different_sigma_per_channel,
+                p_per_channel=params.blur_p_per_channel,
+                p_per_sample=params.p_gaussian_blur,
+            ),
+        ),
+        (
+            params.p_brightness,
+            BrightnessMultiplicativeTransform(
+                params.brightness_range, per_channel=True, p_per_sample=params.p_brightness
+            ),
+        ),
+        (params.p_contrast, ContrastAugmentationTransform(params.contrast_range, p_per_sample=params.p_contrast)),
+        (
+            params.p_low_resolution,
+            SimulateLowResolutionTransform(
+                zoom_range=params.low_resolution_zoom,
+                per_channel=params.low_resolution_per_channel,
+                p_per_channel=params.low_resolution_p_per_channel,
+                order_downsample=params.order_downsample,
+                order_upsample=params.order_upsample,
+                p_per_sample=params.p_low_resolution,
+                ignore_axes=(0,) if setup.do_dummy_2d else None,  # keep the thick axis as it is
+            ),
+        ),
+        (
+            params.p_gamma_inverted,
+            GammaTransform(
+                params.gamma_range,
+                invert_image=True,
+                per_channel=params.gamma_per_channel,
+                retain_stats=params.gamma_retain_stats,
+                p_per_sample=params.p_gamma_inverted,
+            ),
+        ),
+        (
+            params.p_gamma,
+            GammaTransform(
+                params.gamma_range,
+                invert_image=False,
+                per_channel=params.gamma_per_channel,
+                retain_stats=params.gamma_retain_stats,
+                p_per_sample=params.p_gamma,
+            ),
+        ),
+    ]
+    return [transform for p, transform in candidates if p > 0]  # a transform that never fires is left out
+
+
+def train_transforms(
+    patch_size: Sequence[int], setup: SpatialSetup, params: AugmentationParams | None = None
+) -> Compose:
+    """The training chain: spatial (with dummy-2D folding), intensity, mirroring; nnU-Net v2's order."""
+    params = params or AugmentationParams()
+    transforms: list[AbstractTransform] = []
+    if setup.do_dummy_2d:
+        transforms.append(Convert3DTo2DTransform())
+    transforms.append(_spatial_transform(patch_size, setup, params))
+    if setup.do_dummy_2d:
+        transforms.append(Convert2DTo3DTransform())
+    transforms.extend(_intensity_transforms(setup, params))
+    if setup.mirror_axes and params.p_mirror_per_axis > 0:
+        transforms.append(MirrorAxesTransform(setup.mirror_axes, params.p_mirror_per_axis))
+    return Compose(transforms)
+
+
+def validation_transforms() -> Compose:
+    """Nothing: validation patches are cut at the final size and fed as they are."""
+    return Compose([])
+
+
+class BatchAugmenter(Protocol):
+    """Augment one batch; the result must be a pure function of the inputs and ``seed``.
+
+    image ``(B, C, *sample)`` float32 and label ``(B, 1, *sample)`` int16 in; image ``(B, C, *patch)`` float32
+    and label ``(B, 1, *patch)`` int16 out.
+    """
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class ComposeAugmenter:
+    """A batchgenerators chain as a BatchAugmenter: seeds numpy's and Python's global RNG from ``seed``.
+
+    batchgenerators draws from those global generators, so the seed is set right before the chain runs and
+    the caller's generator states are restored afterwards (in the main process they belong to someone else).
+    """
+
+    def __init__(self, transforms: Compose) -> None:
+        self.transforms = transforms
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        numpy_state = np.random.get_state()
+        python_state = random.getstate()
+        try:
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+            out = self.transforms(**{DATA_KEY: image, LABEL_KEY: label})
+        finally:
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
+        # the spatial transform returns labels as float32 holding whole numbers
+        return (
+            np.ascontiguousarray(out[DATA_KEY], dtype=np.float32),
+            np.ascontiguousarray(np.rint(out[LABEL_KEY]), dtype=np.int16),
+        )
+
+
+def train_augmenter(
+    patch_size: Sequence[int], setup: SpatialSetup, params: AugmentationParams | None = None
+) -> ComposeAugmenter:
+    return ComposeAugmenter(train_transforms(patch_size, setup, params))
+
+
+def validation_augmenter() -> ComposeAugmenter:
+    return ComposeAugmenter(validation_transforms())

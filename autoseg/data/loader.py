@@ -1,0 +1,160 @@
+"""Training batches made in background worker processes, reproducible batch by batch.
+
+Batch ``iteration`` of ``epoch`` is a pure function of ``(seed, rank, epoch, iteration)``: the sampler draws
+from ``np.random.default_rng([seed, rank, epoch, iteration])`` and the augmentation gets a seed derived from
+the same numbers. The batches therefore do not depend on the number of workers, and a run resumed at
+epoch ``e`` sees exactly the batches an uninterrupted run would have seen.
+
+Workers are a ``torch.utils.data.DataLoader`` over one "dataset" whose item ``i`` is the whole batch with
+global index ``i = epoch * iterations_per_epoch + iteration``. They stay alive across epochs (persistent)
+and keep ``prefetch_factor`` batches each in flight, so the accelerator does not wait for augmentation.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from autoseg.augment.pipeline import BatchAugmenter
+from autoseg.data.sampling import PatchSampler
+
+
+def batch_random(seed: int, rank: int, epoch: int, iteration: int) -> tuple[np.random.Generator, int]:
+    """The sampling generator and the augmentation seed of one batch."""
+    root = np.random.SeedSequence([seed, rank, epoch, iteration])
+    # a spawned child is a stream independent of the root's, so sampling and augmentation do not correlate
+    augment_seed = int(root.spawn(1)[0].generate_state(1)[0])
+    return np.random.default_rng(root), augment_seed
+
+
+class _BatchDataset(Dataset[dict[str, Any]]):
+    """Item ``i`` is the whole batch with global index ``i``."""
+
+    def __init__(
+        self, sampler: PatchSampler, augmenter: BatchAugmenter, iterations_per_epoch: int, seed: int, rank: int
+    ) -> None:
+        self.sampler = sampler
+        self.augmenter = augmenter
+        self.iterations_per_epoch = iterations_per_epoch
+        self.seed = seed
+        self.rank = rank
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        epoch, iteration = divmod(index, self.iterations_per_epoch)
+        rng, augment_seed = batch_random(self.seed, self.rank, epoch, iteration)
+        image, label, keys = self.sampler.sample(rng)
+        image, label = self.augmenter(image, label, augment_seed)
+        return {
+            "image": torch.from_numpy(image),
+            "label": torch.from_numpy(label[:, 0]),
+            "keys": keys,
+        }
+
+
+class _EpochIndices(Sampler[int]):
+    """The global indices of one epoch, from ``start`` on; the epoch is set before each pass."""
+
+    def __init__(self, iterations_per_epoch: int) -> None:
+        self.iterations_per_epoch = iterations_per_epoch
+        self.epoch = 0
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        first = self.epoch * self.iterations_per_epoch
+        return iter(range(first + self.start, first + self.iterations_per_epoch))
+
+    def __len__(self) -> int:
+        return self.iterations_per_epoch - self.start
+
+
+def _limit_worker_threads(_worker_id: int) -> None:
+    # each worker augments one batch at a time; more threads per worker only oversubscribe the CPU
+    torch.set_num_threads(1)
+    threadpool_limits(limits=1)
+
+
+def _default_context() -> str:
+    # fork starts workers fast and shares the parent's imports; spawn where fork is unavailable (Windows)
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+class BatchLoader:
+    """``epoch(e)`` yields ``iterations_per_epoch`` batches, each a dict:
+
+    ``image`` float32 tensor (B, C, *patch), ``label`` int16 tensor (B, *patch) with -1 = ignore (call
+    ``.long()`` on the device for cross-entropy), ``keys`` the case ids.
+    """
+
+    prefetch_factor = 2  # batches in flight per worker (torch's default); more only costs memory
+
+    def __init__(
+        self,
+        sampler: PatchSampler,
+        augmenter: BatchAugmenter,
+        iterations_per_epoch: int,
+        num_workers: int,
+        seed: int,
+        rank: int = 0,
+        pin_memory: bool = False,
+        multiprocessing_context: str | None = None,
+    ) -> None:
+        if iterations_per_epoch < 1:
+            raise ValueError(f"iterations_per_epoch must be at least 1, got {iterations_per_epoch}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be at least 0, got {num_workers}")
+        self.iterations_per_epoch = iterations_per_epoch
+        self.dataset = _BatchDataset(sampler, augmenter, iterations_per_epoch, seed, rank)
+        self._indices = _EpochIndices(iterations_per_epoch)
+        workers: dict[str, Any] = {}
+        if num_workers > 0:
+            workers = {
+                "persistent_workers": True,
+                "prefetch_factor": self.prefetch_factor,
+                "worker_init_fn": _limit_worker_threads,
+                "multiprocessing_context": multiprocessing_context or _default_context(),
+            }
+        self._loader: DataLoader[dict[str, Any]] | None = DataLoader(
+            self.dataset,
+            batch_size=None,  # an item already is a batch
+            sampler=self._indices,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            **workers,
+        )
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
+        """The batches of ``epoch`` in order, from iteration ``start`` (to resume within an epoch)."""
+        if self._loader is None:
+            raise RuntimeError("BatchLoader is closed")
+        if not 0 <= start <= self.iterations_per_epoch or epoch < 0:
+            raise ValueError(f"epoch {epoch} must be >= 0 and start {start} in [0, {self.iterations_per_epoch}]")
+        self._indices.epoch = epoch
+        self._indices.start = start
+        return iter(self._loader)
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        loader, self._loader = self._loader, None
+        if loader is not None:
+            iterator = getattr(loader, "_iterator", None)
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:  # persistent workers otherwise live until the loader is collected
+                shutdown()
+
+    def __enter__(self) -> BatchLoader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()

@@ -1,0 +1,165 @@
+"""Patch sampling with foreground oversampling, as nnU-Net's data loader does it.
+
+A batch draws its cases uniformly with replacement. Its last ``round(batch_size * oversample_foreground)``
+samples are forced to contain foreground: a class present in the case is chosen, then one of its stored
+voxels, and the patch is centred there. The others are placed uniformly. Patches are cut at ``sample_size``
+(larger than the network's patch so that rotation and scaling do not pull in padding); the spatial
+augmentation then cuts the final patch from their centre.
+
+Where a patch leaves the case the image is padded with 0 and the label with -1 (ignored by the loss);
+-1 stored in a case (outside the nonzero mask) is background and becomes 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from autoseg.data.cases import PreprocessedCases
+from autoseg.errors import AutosegError
+
+IGNORE_LABEL = -1  # padding value of labels; the loss ignores it
+
+
+def sampling_bounds(
+    data_shape: Sequence[int], sample_size: Sequence[int], patch_size: Sequence[int]
+) -> list[tuple[int, int]]:
+    """Per axis the lowest and highest allowed start of a sample, as nnU-Net's ``get_bbox``.
+
+    The sample may stick out of the case by half the enlargement (sample - patch) on each side, so that the
+    final patch, cut from the sample's centre, can reach every border voxel. Where the case is smaller than
+    the sample it may stick out by half the difference instead.
+    """
+    bounds = []
+    for size, sample, patch in zip(data_shape, sample_size, patch_size):
+        need_to_pad = max(sample - patch, sample - size)
+        half_up = -(-need_to_pad // 2)  # ceil: an odd enlargement lets the sample stick out by one more
+        bounds.append((-half_up, size + half_up - sample))
+    return bounds
+
+
+def _overlap(
+    starts: Sequence[int], size: Sequence[int], shape: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """Slices of the array and of the crop where a crop at ``starts`` overlaps an array of ``shape``."""
+    source = []
+    target = []
+    for start, length, extent in zip(starts, size, shape):
+        lo, hi = max(start, 0), min(start + length, extent)
+        if hi <= lo:
+            return None
+        source.append(slice(lo, hi))
+        target.append(slice(lo - start, hi - start))
+    return tuple(source), tuple(target)
+
+
+def crop_with_padding(
+    array: np.ndarray, starts: Sequence[int], size: Sequence[int], fill: float, dtype: npt.DTypeLike | None = None
+) -> np.ndarray:
+    """``array[..., starts:starts+size]`` over the trailing axes, ``fill`` outside the array.
+
+    Only the overlapping part is read, so a memory-mapped array stays on disk apart from the crop.
+    """
+    lead = array.ndim - len(starts)
+    out = np.full((*array.shape[:lead], *size), fill, dtype=dtype or array.dtype)
+    overlap = _overlap(starts, size, array.shape[lead:])
+    if overlap is not None:
+        source: tuple[Any, ...] = (Ellipsis, *overlap[0])
+        target: tuple[Any, ...] = (Ellipsis, *overlap[1])
+        out[target] = array[source]
+    return out
+
+
+class PatchSampler:
+    """Cuts training samples out of preprocessed cases; ``sample(rng)`` is a pure function of the generator."""
+
+    def __init__(
+        self,
+        cases: PreprocessedCases,
+        case_ids: Sequence[str],
+        patch_size: Sequence[int],
+        sample_size: Sequence[int],
+        batch_size: int,
+        oversample_foreground: float = 0.33,  # nnU-Net's oversample_foreground_percent
+        foreground_labels: Sequence[int] | None = None,
+    ) -> None:
+        if len(patch_size) not in (2, 3) or len(sample_size) != len(patch_size):
+            raise ValueError(f"patch_size {tuple(patch_size)} and sample_size {tuple(sample_size)} must be 2D or 3D")
+        if any(s < p for s, p in zip(sample_size, patch_size)):
+            raise ValueError(f"sample_size {tuple(sample_size)} is smaller than patch_size {tuple(patch_size)}")
+        if not case_ids:
+            raise AutosegError(f"{cases.folder}: no cases to sample training patches from")
+        if batch_size < 1 or not 0.0 <= oversample_foreground <= 1.0:
+            raise ValueError(
+                f"batch_size {batch_size} must be >= 1, oversample_foreground {oversample_foreground} in [0, 1]"
+            )
+        self.cases = cases
+        self.case_ids = list(case_ids)
+        self.patch_size = tuple(int(s) for s in patch_size)
+        self.sample_size = tuple(int(s) for s in sample_size)
+        self.batch_size = batch_size
+        self.oversample_foreground = oversample_foreground
+        self.foreground_labels = None if foreground_labels is None else {int(v) for v in foreground_labels}
+
+    @property
+    def dim(self) -> int:
+        return len(self.patch_size)
+
+    def is_forced(self, sample_index: int) -> bool:
+        """nnU-Net's rule: the last round(B * oversample) samples of a batch are forced foreground."""
+        return not sample_index < round(self.batch_size * (1 - self.oversample_foreground))
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(image float32 (B, C, *sample_size), label int16 (B, 1, *sample_size), case ids)."""
+        keys = [self.case_ids[i] for i in rng.integers(0, len(self.case_ids), self.batch_size)]
+        images = []
+        labels = []
+        for index, case_id in enumerate(keys):
+            image, label = self._sample_one(case_id, self.is_forced(index), rng)
+            images.append(image)
+            labels.append(label)
+        return np.stack(images), np.stack(labels)[:, None], keys
+
+    def _foreground_voxel(self, case_id: str, rng: np.random.Generator) -> np.ndarray | None:
+        """A stored voxel (z, y, x) of a class chosen uniformly among those present, or None."""
+        locations = self.cases.locations(case_id)
+        classes = np.unique(locations[:, 0])
+        if self.foreground_labels is not None:
+            classes = np.array([c for c in classes if int(c) in self.foreground_labels], dtype=locations.dtype)
+        if len(classes) == 0:
+            return None
+        chosen = locations[locations[:, 0] == classes[rng.integers(len(classes))]]
+        return chosen[rng.integers(len(chosen)), 1:]
+
+    def _sample_one(
+        self, case_id: str, force_foreground: bool, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        image = self.cases.image(case_id)
+        seg = self.cases.seg(case_id)
+        if image.ndim != 4 or image.shape[1:] != seg.shape:
+            raise AutosegError(
+                f"{self.cases.folder}: case {case_id} has image shape {image.shape} and label shape {seg.shape};"
+                " expected (C, z, y, x) and (z, y, x); run `autoseg preprocess` again"
+            )
+        voxel = self._foreground_voxel(case_id, rng) if force_foreground else None
+        if self.dim == 2:
+            # 2D configurations train on one slice along the first (out-of-plane) axis of the stored volume
+            z = int(voxel[0]) if voxel is not None else int(rng.integers(seg.shape[0]))
+            image, seg = image[:, z], seg[z]
+            voxel = None if voxel is None else voxel[1:]
+        starts = []
+        for axis, (lo, hi) in enumerate(sampling_bounds(seg.shape, self.sample_size, self.patch_size)):
+            if voxel is None:
+                starts.append(int(rng.integers(lo, hi + 1)))
+            else:  # centre on the voxel; clamping keeps it inside the sample and the padding within bounds
+                starts.append(int(np.clip(int(voxel[axis]) - self.sample_size[axis] // 2, lo, hi)))
+        image_patch = crop_with_padding(image, starts, self.sample_size, 0.0, np.float32)
+        label_patch = np.full(self.sample_size, IGNORE_LABEL, dtype=np.int16)
+        overlap = _overlap(starts, self.sample_size, seg.shape)
+        if overlap is not None:
+            # stored -1 (outside the nonzero mask) is background; only padding is ignored
+            label_patch[overlap[1]] = np.maximum(seg[overlap[0]], 0)
+        return image_patch, label_patch

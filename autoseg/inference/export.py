@@ -1,0 +1,210 @@
+"""From a preprocessed case's logits back to a segmentation file in the original image's geometry.
+
+``export_prediction`` turns logits into class probabilities (softmax), resamples the probabilities to the
+cropped shape at the original spacing, puts them back into the uncropped volume, undoes the transpose
+(``restore_probabilities``) and writes the argmax as a label map with the original spacing, origin and
+direction. Probabilities, not labels, are resampled, as in nnU-Net. One difference: nnU-Net v2 resamples
+the logits and applies the softmax afterwards; here the softmax comes first, so that the volume outside
+the crop is plain background (probability 1) and resampled probabilities still sum to 1 (linear
+interpolation is a convex combination). Both interpolate linearly; argmaxes differ only at near-ties.
+
+With ``save_probabilities`` the restored probabilities go to ``CASE.npz`` (key ``probabilities``,
+(K, z, y, x) in the original grid) with ``CASE_probabilities.json`` beside them, for ensembling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from autoseg import atomic, serialization
+from autoseg.errors import AutosegError
+from autoseg.io import file_ending, write_segmentation
+from autoseg.plan import Configuration, Plan
+from autoseg.preprocessing.case import CaseProperties, restore_probabilities
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# Stored probabilities are rounded to half precision: half the disk of float32 (a 14-class CT is
+# gigabytes per case uncompressed), and a rounding error of < 5e-4 is far below what ensembled models
+# disagree by. nnU-Net v2 stores float32; pass ``probabilities_dtype=np.float32`` for that.
+DEFAULT_PROBABILITIES_DTYPE = np.float16
+PROBABILITIES_KEY = "probabilities"
+
+
+@dataclass(frozen=True)
+class ProbabilitiesInfo:
+    """What ``CASE_probabilities.json`` says about ``CASE.npz``; load it with ``autoseg.serialization.load``."""
+
+    SCHEMA_VERSION = 1
+
+    schema_version: int
+    case_id: str
+    configuration: str
+    labels: dict[str, int]  # the plan's label names -> values
+    channel_label_values: tuple[int, ...]  # label value of each probability channel, in channel order
+    spacing_mm: tuple[float, ...]  # of the original image, (z, y, x)
+    shape: tuple[int, ...]  # (K, z, y, x) of the stored array
+    dtype: str
+
+
+def label_values(plan: Plan) -> tuple[int, ...]:
+    """The label value of each output channel: the plan's label values in ascending order.
+
+    The network's channel k predicts the k-th smallest label value, so the argmax index maps to a label
+    value by this table (for the usual labels 0..K-1 it is the identity).
+    """
+    return tuple(sorted(plan.labels.values()))
+
+
+def probabilities_files(output_file: str | Path) -> tuple[Path, Path]:
+    """``CASE.npz`` and ``CASE_probabilities.json`` beside ``output_file`` (``CASE`` + its file ending)."""
+    output_file = Path(output_file)
+    ending = file_ending(output_file) or output_file.suffix
+    stem = output_file.name[: len(output_file.name) - len(ending)] if ending else output_file.name
+    return output_file.with_name(f"{stem}.npz"), output_file.with_name(f"{stem}_probabilities.json")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over axis 0, in float32, one channel at a time to keep temporaries small."""
+    logits = np.asarray(logits, dtype=np.float32)
+    top = logits.max(axis=0)
+    probabilities = np.empty_like(logits)
+    for k in range(logits.shape[0]):
+        np.subtract(logits[k], top, out=probabilities[k])
+        np.exp(probabilities[k], out=probabilities[k])
+    probabilities /= probabilities.sum(axis=0, keepdims=True)
+    return probabilities
+
+
+def export_prediction(
+    logits: np.ndarray | torch.Tensor,
+    properties: CaseProperties,
+    plan: Plan,
+    configuration: Configuration,
+    output_file: str | Path,
+    save_probabilities: bool = False,
+    probabilities_dtype: type[np.floating] = DEFAULT_PROBABILITIES_DTYPE,
+) -> None:
+    """Write the segmentation of ``logits`` (K, *shape_after_resampling) to ``output_file``, atomically.
+
+    The file ending picks the format; the geometry is the original image's (``properties.geometry``).
+    The argmax channel k becomes the k-th smallest label value of ``plan.labels`` (see ``label_values``).
+    """
+    values = label_values(plan)
+    array = _as_numpy(logits)
+    expected = (len(values), *properties.shape_after_resampling)
+    if array.shape != expected:
+        raise AutosegError(
+            f"case {properties.case_id}: logits of shape {array.shape} do not fit the preprocessed case;"
+            f" expected {expected} ({len(values)} labels of plan {plan.planner!r} x the shape after resampling"
+            f" of configuration {configuration.name!r}). Was the case preprocessed for another configuration?"
+        )
+    probabilities = restore_probabilities(softmax(array), properties, plan, configuration)
+    write_segmentation(_argmax_to_labels(probabilities, values), properties.geometry, output_file)
+    if save_probabilities:
+        _save_probabilities(probabilities, properties, plan, configuration, output_file, probabilities_dtype)
+
+
+def _as_numpy(logits: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(logits, np.ndarray):
+        return logits
+    return logits.detach().float().cpu().numpy()
+
+
+def _argmax_to_labels(probabilities: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    index = probabilities.argmax(axis=0)
+    if tuple(values) == tuple(range(len(values))):
+        return index.astype(np.uint8 if len(values) <= 256 else np.int16)
+    return np.asarray(values, dtype=np.int64)[index]
+
+
+def _save_probabilities(
+    probabilities: np.ndarray,
+    properties: CaseProperties,
+    plan: Plan,
+    configuration: Configuration,
+    output_file: str | Path,
+    dtype: type[np.floating],
+) -> None:
+    npz_file, json_file = probabilities_files(output_file)
+    stored = probabilities.astype(dtype, copy=False)
+
+    def _write(path: Path) -> None:
+        # a file object, because np.savez_compressed would append ".npz" to a temporary name
+        with open(path, "wb") as f:
+            np.savez_compressed(f, probabilities=stored)  # the key is PROBABILITIES_KEY
+
+    atomic.write_with(npz_file, _write, suffix=".npz")
+    info = ProbabilitiesInfo(
+        schema_version=ProbabilitiesInfo.SCHEMA_VERSION,
+        case_id=properties.case_id,
+        configuration=configuration.name,
+        labels=dict(plan.labels),
+        channel_label_values=label_values(plan),
+        spacing_mm=tuple(float(s) for s in properties.geometry.spacing_mm),
+        shape=tuple(int(s) for s in stored.shape),
+        dtype=str(stored.dtype),
+    )
+    serialization.save(info, json_file)
+
+
+def load_probabilities(npz_file: str | Path) -> tuple[np.ndarray, ProbabilitiesInfo]:
+    """Read ``CASE.npz`` and its ``CASE_probabilities.json`` (no pickles) and check that they agree."""
+    npz_file = Path(npz_file)
+    json_file = npz_file.with_name(f"{npz_file.name[: -len('.npz')]}_probabilities.json")
+    info = serialization.load(ProbabilitiesInfo, json_file)
+    try:
+        with np.load(npz_file, allow_pickle=False) as data:
+            probabilities = data[PROBABILITIES_KEY]
+    except (OSError, ValueError, KeyError) as exc:
+        raise AutosegError(
+            f"{npz_file}: cannot read the stored probabilities ({exc}); predict the case again"
+        ) from None
+    if probabilities.shape != info.shape:
+        raise AutosegError(
+            f"{npz_file}: probabilities of shape {probabilities.shape}, but {json_file.name} says {info.shape};"
+            " predict the case again"
+        )
+    return probabilities, info
+
+
+def predict_preprocessed_case(
+    network: nn.Module,
+    image: np.ndarray | torch.Tensor,
+    configuration: Configuration,
+    mirror_axes: Sequence[int] | None = None,
+    device: torch.device | str | None = None,
+    step_size: float = 0.5,
+    use_mirroring: bool = True,
+    *,
+    num_classes: int,
+    tile_batch_size: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Logits (num_classes, *shape) of a preprocessed image (C, *shape), float32 on ``device``.
+
+    A thin wrapper of ``sliding_window_predict`` with the configuration's patch size (a 2D configuration
+    predicts slice by slice). ``mirror_axes`` are the network's spatial axes used for mirroring (the
+    trainer's choice); ``use_mirroring=False`` switches mirroring off. ``device`` is where the logits are
+    accumulated; the network runs where its parameters are.
+    """
+    from autoseg.inference.sliding_window import DEFAULT_TILE_BATCH_SIZE, sliding_window_predict
+
+    return sliding_window_predict(
+        network,
+        image,
+        configuration.patch_size,
+        num_classes,
+        mirror_axes=mirror_axes if use_mirroring else None,
+        step_size=step_size,
+        tile_batch_size=tile_batch_size or DEFAULT_TILE_BATCH_SIZE,
+        device=device,
+        progress=progress,
+    )

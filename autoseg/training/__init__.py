@@ -1,0 +1,1 @@
+"""Training: the trainer base and its hooks, the loop, checkpoints, schedules."""

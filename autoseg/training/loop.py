@@ -1,0 +1,546 @@
+"""How a trainer's recipe is executed: devices, mixed precision, DDP, the epoch loop, checkpoints, resume.
+
+Reproducibility rests on one rule of the loader: batch ``i`` of epoch ``e`` is a pure function of
+(seed, rank, e, i). A checkpoint therefore only needs the position (epoch, iteration), the tensors and
+torch's random state to continue exactly, also from the middle of an epoch after Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoseg import atomic, serialization
+from autoseg.errors import AutosegError, TrainingInterrupted
+from autoseg.training import checkpoint as ckpt
+from autoseg.training.distributed import DistributedContext, choose_device
+from autoseg.training.progress import (
+    EpochRecord,
+    moving_average,
+    plot_progress,
+    read_log,
+    write_log,
+)
+from autoseg.training.trainer import Trainer
+
+CHECKPOINT_NAMES = ("checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt")
+
+
+@dataclass
+class Position:
+    """Where training stands; what a checkpoint restores besides the tensors."""
+
+    epoch: int = 0  # the epoch being trained (== epochs done when between epochs)
+    iteration: int = 0  # iterations of ``epoch`` already done (non-zero only after an interrupt)
+    partial_losses: list[float] = field(default_factory=list)  # train losses of those iterations
+    ema_pseudo_dice: float | None = None
+    best_ema_pseudo_dice: float | None = None
+    records: list[EpochRecord] = field(default_factory=list)
+    finished_epochs: int | None = None  # set when training reached the end of its budget
+    stop_reason: str | None = None
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's kill) is handled like Ctrl-C, so the latest state is saved first."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _precision(device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether a gradient scaler is needed)."""
+    if device.type != "cuda":
+        return None, False
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+class Run:
+    """One fold's training: owns the network, optimiser, data and files while ``fit`` runs."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        from autoseg.augment.pipeline import spatial_setup
+        from autoseg.losses import DeepSupervisionLoss, deep_supervision_weights
+
+        self.trainer = trainer
+        self.setup = trainer.setup
+        self.options = trainer.options
+        self.out = self.setup.output_dir
+        self.dist = DistributedContext.from_environment()
+        self.device = choose_device(self.options.device, self.dist)
+        self.dist.start(self.device)
+        self.main = self.dist.is_main
+        self.autocast_dtype, needs_scaler = _precision(self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+        torch.manual_seed(self.options.seed)
+        self.network = trainer.build_network().to(self.device)
+        self.num_outputs = self._count_outputs()
+        self.ds_weights = deep_supervision_weights(self.num_outputs) if self.num_outputs > 1 else [1.0]
+        if hasattr(self.network, "num_outputs"):  # compute no head whose loss weight is zero
+            setattr(self.network, "num_outputs", sum(1 for w in self.ds_weights if w > 0))  # noqa: B010
+        self.loss = DeepSupervisionLoss(trainer.build_loss(), self.ds_weights)
+        self.optimizer = trainer.build_optimizer(self.network)
+        self.schedule = trainer.build_schedule()
+        self.model: nn.Module = self.network
+        if self.dist.enabled:
+            self._freeze_unused_parameters()
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.network, device_ids=ids)
+        if self.options.compile:
+            self.model = torch.compile(self.model)  # type: ignore[assignment]
+
+        self.params = trainer.train_augmentations()
+        self.spatial = spatial_setup(self.setup.configuration.patch_size, self.params)
+        self.position = Position()
+        self.compile_seconds: float | None = None
+
+    # -- set-up helpers ----------------------------------------------------------------------------------
+    def _count_outputs(self) -> int:
+        """How many outputs the network gives in training mode (1 without deep supervision)."""
+        if not self.trainer.deep_supervision:
+            return 1
+        if hasattr(self.network, "max_outputs"):
+            return int(getattr(self.network, "max_outputs"))  # noqa: B009
+        return self.setup.configuration.network.num_stages - 1  # one head per decoder stage
+
+    def _freeze_unused_parameters(self) -> None:
+        """DDP refuses parameters that get no gradient, such as the head of an output the loss skips."""
+        divisible = self.setup.configuration.network.shape_must_be_divisible_by
+        probe = torch.zeros((1, self.trainer.num_input_channels, *(2 * d for d in divisible)), device=self.device)
+        outputs = self.network(probe)
+        outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+        torch.stack([o.float().sum() for o in outputs]).sum().backward()
+        for parameter in self.network.parameters():
+            if parameter.grad is None:
+                parameter.requires_grad_(False)
+            parameter.grad = None
+
+    def _folds(self) -> tuple[list[str], list[str]]:
+        from autoseg.data.splits import fold_cases, load_or_create_splits
+
+        splits = load_or_create_splits(self.setup.splits_file, self.setup.case_ids)
+        return fold_cases(splits, self.setup.fold, self.setup.splits_file)
+
+    def _loaders(self, train_ids: list[str], val_ids: list[str]) -> tuple[Any, Any]:
+        from autoseg.augment.pipeline import train_augmenter, validation_augmenter
+        from autoseg.data.cases import PreprocessedCases
+        from autoseg.data.loader import BatchLoader
+        from autoseg.data.sampling import PatchSampler
+
+        conf = self.setup.configuration
+        batch = self.dist.share_batch(self.trainer.batch_size)
+        foreground = sorted(v for v in self.setup.plan.labels.values() if v != 0)
+        workers = self.options.num_workers
+        if workers is None:
+            from autoseg.parallel import available_cores
+
+            workers = max(available_cores() // self.dist.world_size, 1)
+        self.num_workers = workers
+        pin = self.device.type == "cuda"
+        cases = PreprocessedCases(self.setup.data_dir, sorted(set(train_ids) | set(val_ids)))
+        train_sampler = PatchSampler(
+            cases, train_ids, conf.patch_size, self.spatial.sample_size, batch,
+            self.trainer.oversample_foreground, foreground,
+        )  # fmt: skip
+        val_sampler = PatchSampler(
+            cases, val_ids, conf.patch_size, conf.patch_size, batch, self.trainer.oversample_foreground, foreground
+        )
+        train_aug = train_augmenter(conf.patch_size, self.spatial, self.params)
+        val_aug = validation_augmenter()
+        seed = self.options.seed
+        # Validation batches get their own stream: the same seed with a different rank tag.
+        train = BatchLoader(train_sampler, train_aug, self.trainer.num_iterations, workers, seed, self.dist.rank, pin)
+        val = BatchLoader(
+            val_sampler, val_aug, self.trainer.num_val_iterations, max(workers // 2, 0), seed + 1, self.dist.rank, pin
+        )
+        return train, val
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _metadata(self) -> dict[str, Any]:
+        p = self.position
+        return {
+            "trainer": self.setup.trainer_name,
+            "dataset": self.setup.dataset,
+            "planner": self.setup.plan.planner,
+            "configuration": self.setup.configuration.name,
+            "fold": self.setup.fold,
+            "num_input_channels": self.trainer.num_input_channels,
+            "labels": self.setup.plan.labels,
+            "network": serialization.to_jsonable(self.setup.configuration.network),
+            "mirror_axes": list(self.spatial.mirror_axes),
+            "epochs": self.trainer.num_epochs,
+            "position": {
+                "epoch": p.epoch,
+                "iteration": p.iteration,
+                "partial_losses": p.partial_losses,
+                "ema_pseudo_dice": p.ema_pseudo_dice,
+                "best_ema_pseudo_dice": p.best_ema_pseudo_dice,
+                "finished_epochs": p.finished_epochs,
+                "stop_reason": p.stop_reason,
+            },
+            "log": [asdict(r) for r in p.records],
+        }
+
+    def save(self, name: str) -> None:
+        if self.main:
+            ckpt.save_checkpoint(self.out / name, self._state(), self._metadata())
+
+    def _restore(self, path: Path) -> None:
+        state, meta = ckpt.load_checkpoint(path)
+        for key, expected in (
+            ("trainer", self.setup.trainer_name),
+            ("configuration", self.setup.configuration.name),
+            ("fold", self.setup.fold),
+        ):
+            if meta.get(key) != expected:
+                raise AutosegError(f"checkpoint {path} belongs to {key} {meta.get(key)!r}, not {expected!r}")
+        try:
+            self.network.load_state_dict(state["network"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise AutosegError(
+                f"checkpoint {path} does not fit this run's network or optimiser ({str(exc).splitlines()[0]});"
+                " the plan or trainer changed since it was written. Fix: train without --resume (--overwrite)"
+            ) from exc
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        pos = meta["position"]
+        self.position = Position(
+            epoch=pos["epoch"],
+            iteration=pos["iteration"],
+            partial_losses=list(pos["partial_losses"]),
+            ema_pseudo_dice=pos["ema_pseudo_dice"],
+            best_ema_pseudo_dice=pos["best_ema_pseudo_dice"],
+            finished_epochs=pos["finished_epochs"],
+            stop_reason=pos["stop_reason"],
+            records=read_log(meta["log"]),
+        )
+
+    def prepare_output(self) -> None:
+        """Fresh start, resume, or refuse: never mix two runs in one folder silently."""
+        existing = [self.out / n for n in CHECKPOINT_NAMES if (self.out / n).is_file()]
+        if self.options.resume:
+            latest = self.out / "checkpoint_latest.pt"
+            if not latest.is_file():
+                if self.main:
+                    print(f"autoseg: nothing to resume in {self.out}; starting from scratch", file=sys.stderr)
+                return
+            self._restore(latest)
+            done = self.position.finished_epochs
+            if done is not None and self.trainer.num_epochs < done:
+                raise AutosegError(
+                    f"{self.out} finished {done} epochs; --epochs {self.trainer.num_epochs} cannot shorten it"
+                )
+            if done is not None and self.trainer.num_epochs > done:
+                self.position.finished_epochs = None  # extend a finished run
+                self.position.stop_reason = None
+            return
+        if existing:
+            if not self.options.overwrite:
+                raise AutosegError(
+                    f"{self.out} already holds a run ({existing[0].name}). Fix: pass --resume to continue it"
+                    " (or extend it with a larger --epochs), or --overwrite to start again"
+                )
+            self.dist.barrier()
+            if self.main:
+                shutil.rmtree(self.out)
+            self.dist.barrier()
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _to_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        image = batch["image"].to(self.device, non_blocking=True)
+        label = batch["label"].to(self.device, non_blocking=True).long()
+        return image, label
+
+    def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        image, label = self._to_device(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            outputs = self.model(image)
+            loss = self.loss(outputs, label)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.network.parameters(), self.trainer.grad_clip_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.network.parameters(), self.trainer.grad_clip_norm)
+            self.optimizer.step()
+        return loss.detach()
+
+    def val_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        from autoseg.losses import tp_fp_fn
+
+        image, label = self._to_device(batch)
+        with torch.no_grad(), self._autocast():
+            outputs = self.model(image)
+            loss = self.loss(outputs, label)
+        full = outputs[0] if isinstance(outputs, list | tuple) else outputs
+        counts = torch.stack(tp_fp_fn(full.argmax(1), label, self.trainer.num_classes))
+        return loss.detach().float(), counts.float()
+
+    def _set_lr(self, epoch: int) -> float:
+        lr = self.schedule.lr(epoch, self.trainer.num_epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_epoch(self, epoch: int, loader: Any) -> float:
+        from tqdm import tqdm
+
+        pos = self.position
+        self.model.train()
+        total = self.trainer.num_iterations
+        losses: list[torch.Tensor] = []
+        bar = tqdm(
+            total=total,
+            initial=pos.iteration,
+            desc=f"epoch {epoch}",
+            unit="it",
+            disable=not (self.main and self.options.show_progress),
+            leave=False,
+            dynamic_ncols=True,
+        )
+        try:
+            for i, batch in enumerate(loader.epoch(epoch, start=pos.iteration), start=pos.iteration):
+                if self.compile_seconds is None and self.options.compile:
+                    started = time.perf_counter()
+                losses.append(self.train_step(batch))
+                if self.compile_seconds is None and self.options.compile:
+                    self.compile_seconds = time.perf_counter() - started
+                pos.iteration = i + 1
+                bar.update(1)
+                if (i + 1) % 10 == 0 or i + 1 == total:  # one host sync per 10 steps, not per step
+                    recent = torch.stack(losses[-10:]).mean().item()
+                    bar.set_postfix(loss=f"{recent:.4f}")
+        except KeyboardInterrupt:
+            pos.partial_losses += [float(x) for x in torch.stack(losses).tolist()] if losses else []
+            raise _Interrupted from None
+        finally:
+            bar.close()
+        all_losses = pos.partial_losses + (torch.stack(losses).tolist() if losses else [])
+        mean = torch.tensor([sum(all_losses), len(all_losses)], dtype=torch.float64)
+        mean = self.dist.sum(mean)
+        return float(mean[0]) / max(float(mean[1]), 1.0)
+
+    def validate_epoch(self, epoch: int, loader: Any) -> tuple[float, list[float | None]]:
+        self.model.eval()
+        losses, counts = [], None
+        for batch in loader.epoch(epoch):
+            loss, c = self.val_step(batch)
+            losses.append(loss)
+            counts = c if counts is None else counts + c
+        assert counts is not None
+        summed = self.dist.sum(torch.cat([torch.stack(losses).sum()[None], counts.flatten()]).double().cpu())
+        n = len(losses) * self.dist.world_size
+        val_loss = float(summed[0]) / n
+        tp, fp, fn = summed[1:].view(3, -1)
+        dice: list[float | None] = []
+        for k in range(1, self.trainer.num_classes):
+            denominator = float(2 * tp[k] + fp[k] + fn[k])
+            dice.append(float(2 * tp[k]) / denominator if denominator > 0 else None)
+        return val_loss, dice
+
+    def end_epoch(self, epoch: int, train_loss: float, val_loss: float, dice: list[float | None], lr: float,
+                  seconds: float) -> EpochRecord:  # fmt: skip
+        pos = self.position
+        present = [d for d in dice if d is not None]
+        mean = sum(present) / len(present) if present else None
+        pos.ema_pseudo_dice = moving_average(pos.ema_pseudo_dice, mean, self.trainer.pseudo_dice_momentum)
+        new_best = pos.ema_pseudo_dice is not None and (
+            pos.best_ema_pseudo_dice is None or pos.ema_pseudo_dice > pos.best_ema_pseudo_dice
+        )
+        if new_best:
+            pos.best_ema_pseudo_dice = pos.ema_pseudo_dice
+        record = EpochRecord(
+            epoch=epoch,
+            train_loss=train_loss,
+            val_loss=val_loss,
+            pseudo_dice=tuple(dice),
+            mean_pseudo_dice=mean,
+            ema_pseudo_dice=pos.ema_pseudo_dice,
+            lr=lr,
+            epoch_seconds=seconds,
+            new_best=new_best,
+        )
+        pos.records.append(record)
+        pos.epoch, pos.iteration, pos.partial_losses = epoch + 1, 0, []
+        if new_best:
+            self.save("checkpoint_best.pt")
+        if self.main:
+            write_log(self.out / "log.jsonl", pos.records)
+            plot_progress(self.out / "progress.png", pos.records)
+            if self.options.show_progress:
+                from tqdm import tqdm
+
+                tqdm.write(record.line())
+        return record
+
+    def run_json(self, status: str, train_ids: list[str], val_ids: list[str], **extra: Any) -> None:
+        if not self.main:
+            return
+        t, conf = self.trainer, self.setup.configuration
+        data = {
+            "status": status,
+            "dataset": self.setup.dataset,
+            "trainer": self.setup.trainer_name,
+            "trainer_class": f"{type(t).__module__}.{type(t).__qualname__}",
+            "planner": self.setup.plan.planner,
+            "configuration": conf.name,
+            "fold": self.setup.fold,
+            "epochs": t.num_epochs,
+            "iterations_per_epoch": t.num_iterations,
+            "val_iterations": t.num_val_iterations,
+            "initial_lr": t.lr,
+            "momentum": t.momentum,
+            "weight_decay": t.weight_decay,
+            "nesterov": t.nesterov,
+            "grad_clip_norm": t.grad_clip_norm,
+            "lr_schedule": serialization.to_jsonable(self.schedule)
+            if hasattr(self.schedule, "__dataclass_fields__")
+            else repr(self.schedule),
+            "batch_size": t.batch_size,
+            "batch_size_per_process": self.dist.share_batch(t.batch_size),
+            "oversample_foreground": t.oversample_foreground,
+            "patch_size": list(conf.patch_size),
+            "sample_size": list(self.spatial.sample_size),
+            "mirror_axes": list(self.spatial.mirror_axes),
+            "dummy_2d_augmentation": self.spatial.do_dummy_2d,
+            "augmentation": serialization.to_jsonable(self.params),
+            "deep_supervision_weights": self.ds_weights,
+            "num_workers": self.num_workers,
+            "seed": self.options.seed,
+            "device": str(self.device),
+            "precision": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else "float32",
+            "grad_scaler": self.scaler is not None,
+            "compile": self.options.compile,
+            "compile_seconds": self.compile_seconds,
+            "world_size": self.dist.world_size,
+            "fast_dev_run": self.options.fast_dev_run,
+            "splits_file": str(self.setup.splits_file),
+            "train_cases": train_ids,
+            "val_cases": val_ids,
+            "epochs_done": self.position.epoch,
+            "stop_reason": self.position.stop_reason,
+            "torch_version": torch.__version__,
+            "python_version": sys.version.split()[0],
+            **extra,
+        }
+        atomic.write_json(self.out / "run.json", data)
+
+    def train(self) -> None:
+        train_ids, val_ids = self._folds()
+        self.prepare_output()
+        train_loader, val_loader = self._loaders(train_ids, val_ids)
+        started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        pos = self.position
+        try:
+            if pos.finished_epochs is None:
+                self.run_json("running", train_ids, val_ids, started=started)
+                with _sigterm_as_interrupt():
+                    self._epochs(train_loader, val_loader)
+                pos.finished_epochs = pos.epoch
+                self.save("checkpoint_final.pt")
+                self.save("checkpoint_latest.pt")
+            elif self.main and self.options.show_progress:
+                print(f"autoseg: {self.out} already trained {pos.finished_epochs} epochs")
+        except _Interrupted:
+            self.save("checkpoint_latest.pt")
+            self.run_json("interrupted", train_ids, val_ids, started=started)
+            raise TrainingInterrupted(
+                f"training interrupted in epoch {pos.epoch} after {pos.iteration} iterations; the state is saved"
+                f" in {self.out / 'checkpoint_latest.pt'}. Resume with the same command plus --resume"
+            ) from None
+        finally:
+            train_loader.close()
+            val_loader.close()
+        summary = self.validate_whole_cases(val_ids)
+        self.run_json("finished", train_ids, val_ids, started=started, finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      validation_summary=str(summary) if summary else None)  # fmt: skip
+
+    def _epochs(self, train_loader: Any, val_loader: Any) -> None:
+        pos = self.position
+        for epoch in range(pos.epoch, self.trainer.num_epochs):
+            started = time.perf_counter()
+            lr = self._set_lr(epoch)
+            train_loss = self.train_epoch(epoch, train_loader)
+            val_loss, dice = self.validate_epoch(epoch, val_loader)
+            record = self.end_epoch(epoch, train_loss, val_loss, dice, lr, time.perf_counter() - started)
+            reason = self.trainer.on_epoch_end(record)
+            if (epoch + 1) % self.trainer.checkpoint_every == 0 or self.options.fast_dev_run:
+                self.save("checkpoint_latest.pt")
+            if reason:
+                pos.stop_reason = reason
+                break
+
+    def validate_whole_cases(self, val_ids: list[str]) -> Path | None:
+        """Predict the fold's held-out cases whole, in the original geometry, and score them."""
+        from autoseg.training.validation import predict_and_evaluate
+
+        self.dist.barrier()
+        summary = None
+        if self.main:
+            ids = val_ids[:2] if self.options.fast_dev_run else val_ids
+            summary = predict_and_evaluate(self, ids)
+        self.dist.barrier()
+        return summary
+
+
+def fit(trainer: Trainer) -> Path:
+    run = Run(trainer)
+    try:
+        run.train()
+    finally:
+        run.dist.stop()
+    return run.out

@@ -1,0 +1,171 @@
+"""The trainer base: the training recipe as class attributes and small hooks; ``fit`` runs it.
+
+A variant is a subclass that changes attributes or overrides hooks, never ``__init__`` or ``fit``::
+
+    @register_trainer("short_lowlr")
+    class ShortLowLR(Trainer):
+        \"\"\"100 epochs at a tenth of the learning rate.\"\"\"
+        epochs = 100
+        initial_lr = 1e-3
+
+How the recipe is executed (devices, mixed precision, DDP, checkpoints, logs) lives in ``loop.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from autoseg.augment.params import AugmentationParams
+from autoseg.plan import Configuration, Plan
+from autoseg.registry import Registry
+from autoseg.training.progress import EpochRecord
+from autoseg.training.schedules import PolyLR, Schedule
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What is trained, and where: derived from the dataset, the plan and the command line."""
+
+    dataset: str
+    plan: Plan
+    configuration: Configuration
+    fold: int
+    trainer_name: str
+    case_ids: tuple[str, ...]  # every training case of the dataset; the fold picks its share
+    data_dir: Path  # the configuration's preprocessed cases
+    splits_file: Path
+    ground_truth_dir: Path  # the training labels in the original geometry, for whole-case validation
+    file_ending: str
+    output_dir: Path  # results/<dataset>/<trainer>__<planner>__<configuration>/fold_<k>
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """The knobs every trainer has on the command line; ``None`` keeps the trainer's class attribute."""
+
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    val_iterations: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    num_workers: int | None = None
+    seed: int = 0
+    device: str | None = None
+    compile: bool = False
+    fast_dev_run: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    save_probabilities: bool = False
+    validation_mirroring: bool = True
+    show_progress: bool = True
+
+
+class Trainer:
+    """nnU-Net v2's default recipe: SGD with Nesterov momentum, polynomial decay, Dice + CE, deep supervision."""
+
+    # Budget (nnU-Net v2 nnUNetTrainer: num_epochs 1000, num_iterations_per_epoch 250, num_val_iterations 50).
+    epochs: ClassVar[int] = 1000
+    iterations_per_epoch: ClassVar[int] = 250
+    val_iterations: ClassVar[int] = 50
+    # Optimiser (nnUNetTrainer.configure_optimizers).
+    initial_lr: ClassVar[float] = 1e-2
+    momentum: ClassVar[float] = 0.99
+    weight_decay: ClassVar[float] = 3e-5
+    nesterov: ClassVar[bool] = True
+    grad_clip_norm: ClassVar[float] = 12.0
+    # Sampling: a third of each batch is centred on foreground (oversample_foreground_percent 0.33).
+    oversample_foreground: ClassVar[float] = 0.33
+    # The pseudo Dice's moving average that selects checkpoint_best (nnU-Net: 0.9 old, 0.1 new).
+    pseudo_dice_momentum: ClassVar[float] = 0.9
+    # checkpoint_latest every this many epochs (nnU-Net: 50). An epoch of a brain plan is ~15-25 s on a
+    # modern GPU and a checkpoint ~0.5 s, so 5 bounds the work lost to a kill at a minute or two.
+    checkpoint_every: ClassVar[int] = 5
+    deep_supervision: ClassVar[bool] = True
+    augmentation: ClassVar[AugmentationParams] = AugmentationParams()
+
+    def __init__(self, setup: TrainingSetup, options: TrainOptions | None = None) -> None:
+        self.setup = setup
+        self.options = options or TrainOptions()
+
+    # -- the values this run uses: the command line wins over the class attributes ------------------------
+    @property
+    def num_epochs(self) -> int:
+        return self.options.epochs or (2 if self.options.fast_dev_run else self.epochs)
+
+    @property
+    def num_iterations(self) -> int:
+        return self.options.iterations_per_epoch or (2 if self.options.fast_dev_run else self.iterations_per_epoch)
+
+    @property
+    def num_val_iterations(self) -> int:
+        return self.options.val_iterations or (2 if self.options.fast_dev_run else self.val_iterations)
+
+    @property
+    def lr(self) -> float:
+        return self.options.lr if self.options.lr is not None else self.initial_lr
+
+    @property
+    def batch_size(self) -> int:
+        return self.options.batch_size or self.setup.configuration.batch_size
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.setup.plan.labels)
+
+    @property
+    def num_input_channels(self) -> int:
+        return len(self.setup.plan.channel_names)
+
+    # -- hooks ---------------------------------------------------------------------------------------------
+    def build_network(self) -> nn.Module:
+        from autoseg.networks import build_network
+
+        return build_network(
+            self.setup.configuration.network, self.num_input_channels, self.num_classes, self.deep_supervision
+        )
+
+    def build_loss(self) -> nn.Module:
+        """The loss of one output; the base wraps it in deep supervision."""
+        from autoseg.losses import DiceCELoss
+
+        return DiceCELoss(batch_dice=self.setup.configuration.batch_dice)
+
+    def build_optimizer(self, network: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            network.parameters(),
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            nesterov=self.nesterov,
+        )
+
+    def build_schedule(self) -> Schedule:
+        return PolyLR(self.lr)
+
+    def train_augmentations(self) -> AugmentationParams:
+        """The augmentation settings; a variant returns changed parameters (``dataclasses.replace``)."""
+        return self.augmentation
+
+    def on_epoch_end(self, record: EpochRecord) -> str | None:
+        """Called after every epoch on every rank; return a reason to stop training early, else None."""
+        return None
+
+    def fit(self) -> Path:
+        """Train, validate on the fold's whole held-out cases, and return the fold's output folder."""
+        from autoseg.training.loop import fit
+
+        return fit(self)
+
+
+TRAINERS: Registry[type[Trainer]] = Registry("trainer")
+
+
+def register_trainer(name: str) -> Callable[[type[Trainer]], type[Trainer]]:
+    """Class decorator: ``@register_trainer("name")`` makes a Trainer subclass available by name."""
+    return TRAINERS.register(name)

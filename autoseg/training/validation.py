@@ -1,0 +1,66 @@
+"""Whole-case validation at the end of a fold: predict the held-out cases, write them, score them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from autoseg.training.loop import Run
+
+
+def predict_and_evaluate(run: Run, case_ids: list[str]) -> Path | None:
+    """Writes ``validation/CASE<ending>`` per case (and probabilities if asked) and ``validation/summary.json``."""
+    from tqdm import tqdm
+
+    from autoseg.data.cases import PreprocessedCases
+    from autoseg.evaluation.evaluate import evaluate_folder
+    from autoseg.inference.export import export_prediction
+    from autoseg.inference.sliding_window import sliding_window_predict
+
+    setup, options = run.setup, run.options
+    if not case_ids:
+        return None
+    out_dir = setup.output_dir / "validation"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = PreprocessedCases(setup.data_dir, case_ids)
+    network = run.network
+    network.eval()
+    deep_supervision = getattr(network, "deep_supervision", None)
+    if deep_supervision is not None:
+        network.deep_supervision = False  # type: ignore[assignment]
+    mirror_axes = run.spatial.mirror_axes if options.validation_mirroring else None
+    try:
+        for case_id in tqdm(case_ids, desc="validation", unit="case", disable=not options.show_progress):
+            image = cases.image(case_id)
+            logits = sliding_window_predict(
+                network,
+                image,
+                setup.configuration.patch_size,
+                run.trainer.num_classes,
+                mirror_axes=mirror_axes,
+                device=run.device,
+                use_amp=run.autocast_dtype is not None,
+            )
+            export_prediction(
+                logits.float().cpu(),
+                cases.properties(case_id),
+                setup.plan,
+                setup.configuration,
+                out_dir / f"{case_id}{setup.file_ending}",
+                save_probabilities=options.save_probabilities,
+            )
+    finally:
+        if deep_supervision is not None:
+            network.deep_supervision = deep_supervision
+    summary = out_dir / "summary.json"
+    evaluate_folder(
+        out_dir,
+        setup.ground_truth_dir,
+        labels=setup.plan.labels,
+        file_ending=setup.file_ending,
+        output_file=summary,
+        case_ids=case_ids,
+        show_progress=options.show_progress,
+    )
+    return summary

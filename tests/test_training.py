@@ -1,0 +1,218 @@
+"""Training one fold end to end on CPU: files written, resume equality, interrupts, DDP, every trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_dataset
+
+from autoseg.cli import main
+from autoseg.errors import AutosegError
+from autoseg.paths import Paths
+from autoseg.pipeline import plan_and_preprocess, train
+from autoseg.training import checkpoint as ckpt
+from autoseg.training.trainer import TRAINERS, TrainOptions
+
+CONFIG = "3d_fullres"
+# Small enough for 2 CPU cores: 3 iterations of batch 2 on a 16x20x18 patch take well under a second.
+QUICK = {"iterations_per_epoch": 3, "val_iterations": 1, "num_workers": 0, "validation_mirroring": False}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 5-case dataset, planned and preprocessed once for the whole module."""
+    root = tmp_path_factory.mktemp("training")
+    dataset = write_dataset(root / "Dataset010_Tiny", n_cases=5, shape=(16, 20, 18))
+    pre = root / "preprocessed"
+    plan_and_preprocess(dataset, Paths(pre), configurations=[CONFIG], num_workers=1, show_progress=False)
+    return dataset, pre
+
+
+def paths_for(prepared: tuple[Path, Path], tmp_path: Path) -> Paths:
+    return Paths(prepared[1], tmp_path / "results")
+
+
+def run_fold(prepared: tuple[Path, Path], paths: Paths, fold: int = 0, trainer: str = "default", **kw: object) -> Path:
+    options = TrainOptions(**{**QUICK, "show_progress": False, **kw})  # type: ignore[arg-type]
+    return train(prepared[0], paths, CONFIG, fold, trainer=trainer, options=options)
+
+
+def network_state(folder: Path, name: str = "checkpoint_final.pt") -> dict[str, torch.Tensor]:
+    state, _ = ckpt.load_checkpoint(folder / name)
+    return state["network"]
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_fast_dev_run_writes_every_file(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    code = main(
+        ["-q", "train", str(prepared[0]), CONFIG, "1", "--preprocessed", str(prepared[1]), "--results", str(results),
+         "--fast-dev-run", "--num-workers", "0"]
+    )  # fmt: skip
+    assert code == 0
+    fold = results / prepared[0].name / f"default__default__{CONFIG}" / "fold_1"
+    for name in ("run.json", "log.jsonl", "progress.png", "checkpoint_latest.pt", "checkpoint_final.pt"):
+        assert (fold / name).is_file(), name
+    run = json.loads((fold / "run.json").read_text())
+    assert run["status"] == "finished" and run["epochs"] == 2 and run["iterations_per_epoch"] == 2
+    assert run["mirror_axes"] == [0, 1, 2] and run["device"] == "cpu" and run["precision"] == "float32"
+    assert len((fold / "log.jsonl").read_text().splitlines()) == 2
+    predictions = sorted((fold / "validation").glob("*.nii.gz"))
+    assert len(predictions) == 1  # fold 1 of 5 cases holds out one case
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    assert "foreground_mean" in summary
+    splits = json.loads((prepared[1] / prepared[0].name / "splits.json").read_text())
+    assert [p.name.split(".")[0] for p in predictions] == splits[1]["val"]
+
+
+def test_resume_after_finish_extends_and_equals_a_straight_run(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    straight = run_fold(prepared, Paths(prepared[1], tmp_path / "a"), epochs=2)
+    paths = Paths(prepared[1], tmp_path / "b")
+    first = run_fold(prepared, paths, epochs=1)
+    assert json.loads((first / "run.json").read_text())["epochs_done"] == 1
+    resumed = run_fold(prepared, paths, epochs=2, resume=True)
+    assert_same_state(network_state(straight), network_state(resumed))
+    log_a = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in log_a] == [r["train_loss"] for r in log_b]
+
+
+def test_interrupt_mid_epoch_saves_and_resumes_exactly(
+    prepared: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autoseg.training.loop import Run
+
+    straight = run_fold(prepared, Paths(prepared[1], tmp_path / "a"), epochs=2)
+    original = Run.train_step
+    calls = {"n": 0}
+
+    def interrupted_step(self: Run, batch: dict[str, object]) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 5:  # the second iteration of the second epoch
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    paths = Paths(prepared[1], tmp_path / "b")
+    monkeypatch.setattr(Run, "train_step", interrupted_step)
+    with pytest.raises(AutosegError, match="--resume"):
+        run_fold(prepared, paths, epochs=2)
+    folder = paths.fold_dir(prepared[0].name, "default", "default", CONFIG, 0)
+    _, meta = ckpt.load_checkpoint(folder / "checkpoint_latest.pt")
+    assert (meta["position"]["epoch"], meta["position"]["iteration"]) == (1, 1)
+    assert json.loads((folder / "run.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(Run, "train_step", original)
+    resumed = run_fold(prepared, paths, epochs=2, resume=True)
+    assert_same_state(network_state(straight), network_state(resumed))
+
+
+def test_existing_run_needs_resume_or_overwrite(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    paths = paths_for(prepared, tmp_path)
+    run_fold(prepared, paths, epochs=1)
+    with pytest.raises(AutosegError, match="--resume"):
+        run_fold(prepared, paths, epochs=1)
+    run_fold(prepared, paths, epochs=2, resume=True)
+    with pytest.raises(AutosegError, match="cannot shorten"):
+        run_fold(prepared, paths, epochs=1, resume=True)
+    folder = run_fold(prepared, paths, epochs=1, overwrite=True)
+    assert json.loads((folder / "run.json").read_text())["epochs_done"] == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "pickle"])
+def test_damaged_checkpoint_is_refused(prepared: tuple[Path, Path], tmp_path: Path, damage: str) -> None:
+    paths = paths_for(prepared, tmp_path)
+    folder = run_fold(prepared, paths, epochs=1)
+    latest = folder / "checkpoint_latest.pt"
+    data = bytearray(latest.read_bytes())
+    if damage == "truncate":
+        latest.write_bytes(bytes(data[: len(data) // 2]))
+        expected = "damaged"
+    elif damage == "flip":
+        state, _ = ckpt.load_checkpoint(latest)
+        state["network"][next(iter(state["network"]))].view(-1)[0] += 1.0  # a changed tensor, old checksum
+        payload = torch.load(latest, weights_only=True)
+        payload["state"] = state
+        torch.save(payload, latest)
+        expected = "checksum"
+    else:
+        torch.save({"format": "autoseg-checkpoint", "evil": Path("/")}, latest)  # needs unpickling a class
+        expected = "never unpickles"
+    with pytest.raises(AutosegError, match=expected):
+        run_fold(prepared, paths, epochs=2, resume=True)
+
+
+def test_fold_beyond_splits_names_the_file(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    with pytest.raises(AutosegError, match="splits.json"):
+        run_fold(prepared, paths_for(prepared, tmp_path), fold=7, epochs=1)
+
+
+@pytest.mark.parametrize("trainer", TRAINERS.names())
+def test_every_registered_trainer_runs(prepared: tuple[Path, Path], tmp_path: Path, trainer: str) -> None:
+    """The automatic smoke test: every trainer the registry knows trains a fast-dev-run fold."""
+    folder = run_fold(prepared, paths_for(prepared, tmp_path), trainer=trainer, fast_dev_run=True, num_workers=0)
+    assert (folder / "checkpoint_final.pt").is_file()
+    assert json.loads((folder / "run.json").read_text())["status"] == "finished"
+
+
+CUSTOM_TRAINER = '''
+"""A lab's own trainer, kept in one file."""
+from autoseg.training.trainer import Trainer, register_trainer
+
+
+@register_trainer("lab_short")
+class LabShortTrainer(Trainer):
+    """Ten epochs at half the learning rate."""
+
+    epochs = 10
+    initial_lr = 5e-3
+'''
+
+
+def test_plugin_file_trainer_is_listed_and_trains(
+    prepared: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugin = tmp_path / "lab_trainer.py"
+    plugin.write_text(CUSTOM_TRAINER)
+    assert main(["--plugins", str(plugin), "list", "trainers"]) == 0
+    out = capsys.readouterr().out
+    assert "lab_short" in out and "Ten epochs at half the learning rate." in out and "default" in out
+    results = tmp_path / "results"
+    code = main(
+        ["-q", "--plugins", str(plugin), "train", str(prepared[0]), CONFIG, "0", "--trainer", "lab_short",
+         "--preprocessed", str(prepared[1]), "--results", str(results), "--epochs", "1",
+         "--iterations-per-epoch", "2", "--val-iterations", "1", "--num-workers", "0", "--no-tta"]
+    )  # fmt: skip
+    assert code == 0
+    run = json.loads((results / prepared[0].name / f"lab_short__default__{CONFIG}" / "fold_0" / "run.json").read_text())
+    assert run["initial_lr"] == 5e-3 and run["epochs"] == 1 and run["trainer"] == "lab_short"
+
+
+def test_ddp_with_gloo_and_two_processes(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+        "-m", "autoseg", "-q", "train", str(prepared[0]), CONFIG, "0", "--preprocessed", str(prepared[1]),
+        "--results", str(results), "--epochs", "2", "--iterations-per-epoch", "2", "--val-iterations", "1",
+        "--num-workers", "0", "--no-tta",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fold = results / prepared[0].name / f"default__default__{CONFIG}" / "fold_0"
+    run = json.loads((fold / "run.json").read_text())
+    assert run["world_size"] == 2 and run["batch_size_per_process"] * 2 >= run["batch_size"]
+    assert run["status"] == "finished"
+    assert len((fold / "log.jsonl").read_text().splitlines()) == 2
+    assert not list(fold.glob(".*"))  # no temporaries left by a second writer
+    shutil.rmtree(results)
