@@ -89,32 +89,74 @@ def test_resume_after_finish_extends_and_equals_a_straight_run(prepared: tuple[P
     assert [r["train_loss"] for r in log_a] == [r["train_loss"] for r in log_b]
 
 
+@pytest.mark.parametrize(("step", "call", "position"), [("train_step", 5, (1, 1)), ("val_step", 2, (1, 3))])
 def test_interrupt_mid_epoch_saves_and_resumes_exactly(
-    prepared: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prepared: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+    call: int,
+    position: tuple[int, int],
 ) -> None:
+    """Ctrl-C in the second epoch (in a training step, or in its validation) and --resume: same weights."""
     from autoseg.training.loop import Run
 
     straight = run_fold(prepared, Paths(prepared[1], tmp_path / "a"), epochs=2)
-    original = Run.train_step
+    original = getattr(Run, step)
     calls = {"n": 0}
 
-    def interrupted_step(self: Run, batch: dict[str, object]) -> torch.Tensor:
+    def interrupted(self: Run, batch: dict[str, object]) -> object:
         calls["n"] += 1
-        if calls["n"] == 5:  # the second iteration of the second epoch
+        if calls["n"] == call:
             raise KeyboardInterrupt
         return original(self, batch)
 
     paths = Paths(prepared[1], tmp_path / "b")
-    monkeypatch.setattr(Run, "train_step", interrupted_step)
+    monkeypatch.setattr(Run, step, interrupted)
     with pytest.raises(AutosegError, match="--resume"):
         run_fold(prepared, paths, epochs=2)
     folder = paths.fold_dir(prepared[0].name, "default", "default", CONFIG, 0)
     _, meta = ckpt.load_checkpoint(folder / "checkpoint_latest.pt")
-    assert (meta["position"]["epoch"], meta["position"]["iteration"]) == (1, 1)
+    assert (meta["position"]["epoch"], meta["position"]["iteration"]) == position
     assert json.loads((folder / "run.json").read_text())["status"] == "interrupted"
-    monkeypatch.setattr(Run, "train_step", original)
+    monkeypatch.setattr(Run, step, original)
     resumed = run_fold(prepared, paths, epochs=2, resume=True)
     assert_same_state(network_state(straight), network_state(resumed))
+    log_a = (straight / "log.jsonl").read_text().splitlines()
+    log_b = (resumed / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["train_loss"] for x in log_a] == [json.loads(x)["train_loss"] for x in log_b]
+
+
+def test_sigterm_saves_the_state_and_exits_130(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    """A scheduler's SIGTERM while training: the latest state is written and --resume finishes the run."""
+    import signal
+    import time
+
+    results = tmp_path / "results"
+    command = [
+        sys.executable, "-m", "autoseg", "-q", "train", str(prepared[0]), CONFIG, "0",
+        "--preprocessed", str(prepared[1]), "--results", str(results), "--epochs", "500",
+        "--iterations-per-epoch", "3", "--val-iterations", "1", "--num-workers", "0", "--no-tta",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    fold = results / prepared[0].name / f"default__default__{CONFIG}" / "fold_0"
+    deadline = time.monotonic() + 120
+    while not (fold / "log.jsonl").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "--resume" in stderr
+    _, meta = ckpt.load_checkpoint(fold / "checkpoint_latest.pt")
+    done = meta["position"]["epoch"]
+    assert done >= 1 and json.loads((fold / "run.json").read_text())["status"] == "interrupted"
+    code = main(
+        ["-q", "train", str(prepared[0]), CONFIG, "0", "--preprocessed", str(prepared[1]), "--results", str(results),
+         "--epochs", str(done + 1), "--iterations-per-epoch", "3", "--val-iterations", "1", "--num-workers", "0",
+         "--no-tta", "--resume"]
+    )  # fmt: skip
+    assert code == 0
+    assert json.loads((fold / "run.json").read_text())["status"] == "finished"
 
 
 def test_existing_run_needs_resume_or_overwrite(prepared: tuple[Path, Path], tmp_path: Path) -> None:
@@ -216,3 +258,30 @@ def test_ddp_with_gloo_and_two_processes(prepared: tuple[Path, Path], tmp_path: 
     assert len((fold / "log.jsonl").read_text().splitlines()) == 2
     assert not list(fold.glob(".*"))  # no temporaries left by a second writer
     shutil.rmtree(results)
+
+
+def test_short_run_on_the_example_dataset_beats_chance(tmp_path: Path) -> None:
+    """A minute of CPU training on brain phantoms: whole-case Dice far above what guessing gives."""
+    import numpy as np
+
+    from autoseg.example import make_example_dataset
+    from autoseg.io import read_image
+
+    dataset = make_example_dataset(tmp_path / "raw", num_training=8, num_test=0, size=32, show_progress=False)
+    paths = Paths(tmp_path / "pre", tmp_path / "results")
+    plan_and_preprocess(dataset, paths, configurations=[CONFIG], num_workers=1, show_progress=False)
+    options = TrainOptions(
+        epochs=8, iterations_per_epoch=15, val_iterations=2, num_workers=0, show_progress=False, seed=1
+    )
+    folder = train(dataset, paths, CONFIG, 0, options=options)
+    summary = json.loads((folder / "validation" / "summary.json").read_text())
+    dice = summary["foreground_mean"]["Dice"]
+    # Chance: a guess that labels each voxel at random with the true class frequencies scores, per class,
+    # Dice equal to that class's share of the voxels.
+    shares = []
+    for case in summary["metric_per_case"]:
+        reference, _ = read_image(Path(case["reference_file"]))
+        shares += [float(np.mean(reference == k)) for k in (1, 2, 3)]
+    chance = float(np.mean(shares))
+    print(f"whole-case foreground Dice {dice:.3f}, chance {chance:.3f}")
+    assert dice > 0.4 and dice > 5 * chance, (dice, chance)

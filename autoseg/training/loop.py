@@ -50,10 +50,6 @@ class Position:
     stop_reason: str | None = None
 
 
-class _Interrupted(Exception):
-    pass
-
-
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (a scheduler's kill) is handled like Ctrl-C, so the latest state is saved first."""
@@ -364,12 +360,12 @@ class Run:
                 if (i + 1) % 10 == 0 or i + 1 == total:  # one host sync per 10 steps, not per step
                     recent = torch.stack(losses[-10:]).mean().item()
                     bar.set_postfix(loss=f"{recent:.4f}")
-        except KeyboardInterrupt:
-            pos.partial_losses += [float(x) for x in torch.stack(losses).tolist()] if losses else []
-            raise _Interrupted from None
         finally:
+            # Kept on the position so that a checkpoint written after an interrupt (here or during the
+            # validation that follows) holds every loss of the epoch so far.
+            pos.partial_losses += [float(x) for x in torch.stack(losses).tolist()] if losses else []
             bar.close()
-        all_losses = pos.partial_losses + (torch.stack(losses).tolist() if losses else [])
+        all_losses = pos.partial_losses
         mean = torch.tensor([sum(all_losses), len(all_losses)], dtype=torch.float64)
         mean = self.dist.sum(mean)
         return float(mean[0]) / max(float(mean[1]), 1.0)
@@ -480,6 +476,10 @@ class Run:
         atomic.write_json(self.out / "run.json", data)
 
     def train(self) -> None:
+        with _sigterm_as_interrupt():
+            self._train()
+
+    def _train(self) -> None:
         train_ids, val_ids = self._folds()
         self.prepare_output()
         train_loader, val_loader = self._loaders(train_ids, val_ids)
@@ -488,14 +488,13 @@ class Run:
         try:
             if pos.finished_epochs is None:
                 self.run_json("running", train_ids, val_ids, started=started)
-                with _sigterm_as_interrupt():
-                    self._epochs(train_loader, val_loader)
+                self._epochs(train_loader, val_loader)
                 pos.finished_epochs = pos.epoch
                 self.save("checkpoint_final.pt")
                 self.save("checkpoint_latest.pt")
             elif self.main and self.options.show_progress:
                 print(f"autoseg: {self.out} already trained {pos.finished_epochs} epochs")
-        except _Interrupted:
+        except KeyboardInterrupt:
             self.save("checkpoint_latest.pt")
             self.run_json("interrupted", train_ids, val_ids, started=started)
             raise TrainingInterrupted(
