@@ -17,7 +17,7 @@ from autoseg.paths import Paths
 from autoseg.plan import Plan
 
 if TYPE_CHECKING:
-    from autoseg.training.trainer import TrainOptions
+    from autoseg.training.trainer import TrainingSetup, TrainOptions
 
 
 def checked_dataset(dataset: str | Path) -> DatasetSpec:
@@ -106,6 +106,39 @@ def plan_and_preprocess(
     return preprocess(dataset, paths, planner, configurations, num_workers, show_progress)
 
 
+def training_setup(
+    dataset: str | Path, paths: Paths, configuration: str, fold: int, trainer: str = "default", planner: str = "default"
+) -> TrainingSetup:
+    """Everything a trainer needs to know about one fold, checked: the plan, the data, where to write."""
+    from autoseg.preprocessing.run import is_complete
+    from autoseg.training.trainer import TrainingSetup
+
+    spec = checked_dataset(dataset)
+    the_plan = load_plan(spec, paths, planner)
+    conf = the_plan.configuration(configuration)
+    data_dir = paths.configuration_dir(spec.name, conf.data_identifier)
+    case_ids = tuple(case.case_id for case in spec.training)
+    missing = [c for c in case_ids if not is_complete(data_dir, c)]
+    if missing:
+        raise AutosegError(
+            f"{data_dir}: {len(missing)} of {len(case_ids)} cases are not preprocessed (first: {missing[0]}). Fix:"
+            f" autoseg preprocess {spec.root} --planner {planner} -c {configuration}"
+        )
+    return TrainingSetup(
+        dataset=spec.name,
+        plan=the_plan,
+        configuration=conf,
+        fold=fold,
+        trainer_name=trainer,
+        case_ids=case_ids,
+        data_dir=data_dir,
+        splits_file=paths.splits_file(spec.name),
+        ground_truth_dir=paths.ground_truth_dir(spec.name),
+        file_ending=spec.file_ending,
+        output_dir=paths.fold_dir(spec.name, trainer, planner, configuration, fold),
+    )
+
+
 def train(
     dataset: str | Path,
     paths: Paths,
@@ -119,32 +152,8 @@ def train(
 
     Writes ``<results>/<dataset>/<trainer>__<planner>__<configuration>/fold_<fold>/`` and returns it.
     """
-    from autoseg.preprocessing.run import is_complete
-    from autoseg.training.trainer import TRAINERS, TrainingSetup
+    from autoseg.training.trainer import TRAINERS
 
-    spec = checked_dataset(dataset)
-    the_plan = load_plan(spec, paths, planner)
-    conf = the_plan.configuration(configuration)
     trainer_class = TRAINERS.get(trainer)
-    data_dir = paths.configuration_dir(spec.name, conf.data_identifier)
-    case_ids = tuple(case.case_id for case in spec.training)
-    missing = [c for c in case_ids if not is_complete(data_dir, c)]
-    if missing:
-        raise AutosegError(
-            f"{data_dir}: {len(missing)} of {len(case_ids)} cases are not preprocessed (first: {missing[0]}). Fix:"
-            f" autoseg preprocess {spec.root} --planner {planner} -c {configuration}"
-        )
-    setup = TrainingSetup(
-        dataset=spec.name,
-        plan=the_plan,
-        configuration=conf,
-        fold=fold,
-        trainer_name=trainer,
-        case_ids=case_ids,
-        data_dir=data_dir,
-        splits_file=paths.splits_file(spec.name),
-        ground_truth_dir=paths.ground_truth_dir(spec.name),
-        file_ending=spec.file_ending,
-        output_dir=paths.fold_dir(spec.name, trainer, planner, configuration, fold),
-    )
+    setup = training_setup(dataset, paths, configuration, fold, trainer, planner)
     return trainer_class(setup, options).fit()

@@ -41,30 +41,15 @@ def prepare(out: Path, cases: int, workers: int) -> tuple[Path, Path]:
 def make_run(raw: Path, pre: Path, results: Path, device: str, workers: int, steps: int, patch: list[int] | None,
              compile_network: bool):  # type: ignore[no-untyped-def]  # fmt: skip
     from autoseg import pipeline
-    from autoseg.dataset import load_dataset
     from autoseg.paths import Paths
     from autoseg.training.loop import Run
-    from autoseg.training.trainer import Trainer, TrainingSetup, TrainOptions
+    from autoseg.training.trainer import Trainer, TrainOptions
 
-    spec = load_dataset(raw)
-    paths = Paths(pre, results)
-    plan = pipeline.load_plan(spec, paths, "default")
-    conf = plan.configuration("3d_fullres")
+    setup = pipeline.training_setup(raw, Paths(pre, results), "3d_fullres", 0)
     if patch:
-        conf = dataclasses.replace(conf, patch_size=tuple(patch))
-    setup = TrainingSetup(
-        dataset=spec.name,
-        plan=plan,
-        configuration=conf,
-        fold=0,
-        trainer_name="default",
-        case_ids=tuple(c.case_id for c in spec.training),
-        data_dir=paths.configuration_dir(spec.name, conf.data_identifier),
-        splits_file=paths.splits_file(spec.name),
-        ground_truth_dir=paths.ground_truth_dir(spec.name),
-        file_ending=spec.file_ending,
-        output_dir=results / "bench",
-    )
+        conf = dataclasses.replace(setup.configuration, patch_size=tuple(patch))
+        setup = dataclasses.replace(setup, configuration=conf)
+    setup = dataclasses.replace(setup, output_dir=results / "bench")
     options = TrainOptions(
         iterations_per_epoch=steps, num_workers=workers, device=device, compile=compile_network, show_progress=False
     )

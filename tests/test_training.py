@@ -285,3 +285,21 @@ def test_short_run_on_the_example_dataset_beats_chance(tmp_path: Path) -> None:
     chance = float(np.mean(shares))
     print(f"whole-case foreground Dice {dice:.3f}, chance {chance:.3f}")
     assert dice > 0.4 and dice > 5 * chance, (dice, chance)
+
+
+def test_the_readme_trainer_example_works(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    """The complete custom trainer shown in the README, run as a --plugins file, so the docs cannot rot."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Writing a trainer") :]
+    code = section[section.index("```python") + len("```python") : section.index("```\n", section.index("```python"))]
+    plugin = tmp_path / "my_trainer.py"
+    plugin.write_text(code)
+    results = tmp_path / "results"
+    assert main(
+        ["-q", "--plugins", str(plugin), "train", str(prepared[0]), CONFIG, "0", "--trainer", "dice_heavy",
+         "--preprocessed", str(prepared[1]), "--results", str(results), "--fast-dev-run", "--num-workers", "0"]
+    ) == 0  # fmt: skip
+    run = json.loads(
+        (results / prepared[0].name / f"dice_heavy__default__{CONFIG}" / "fold_0" / "run.json").read_text()
+    )
+    assert run["initial_lr"] == 5e-3 and run["augmentation"]["p_rotation"] == 0.4
