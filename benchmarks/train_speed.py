@@ -1,6 +1,6 @@
 """Benchmark: training speed of a brain-sized 3D plan, in three parts, on CPU and on CUDA when present.
 
-    python benchmarks/train_speed.py --cases 4 --steps 3 --workers 2
+    python benchmarks/train_speed.py --cases 4 --steps 3 --batches 20 --workers 1 2
 
 1. the training step alone (forward, deep-supervision loss, backward, SGD) on synthetic batches already
    on the device: iterations/s (data loading excluded);
@@ -38,7 +38,7 @@ def prepare(out: Path, cases: int, workers: int) -> tuple[Path, Path]:
     return raw, pre
 
 
-def make_run(raw: Path, pre: Path, results: Path, device: str, workers: int, steps: int, patch: list[int] | None,
+def make_run(raw: Path, pre: Path, results: Path, device: str, workers: int, batches: int, patch: list[int] | None,
              compile_network: bool):  # type: ignore[no-untyped-def]  # fmt: skip
     from autoseg import pipeline
     from autoseg.paths import Paths
@@ -51,7 +51,7 @@ def make_run(raw: Path, pre: Path, results: Path, device: str, workers: int, ste
         setup = dataclasses.replace(setup, configuration=conf)
     setup = dataclasses.replace(setup, output_dir=results / "bench")
     options = TrainOptions(
-        iterations_per_epoch=steps, num_workers=workers, device=device, compile=compile_network, show_progress=False
+        iterations_per_epoch=batches, num_workers=workers, device=device, compile=compile_network, show_progress=False
     )
     return Run(Trainer(setup, options))
 
@@ -88,13 +88,16 @@ def time_loader(loader, epoch: int) -> float:  # type: ignore[no-untyped-def]
     return (time.perf_counter() - started) / n
 
 
-def time_loop(run, loader, epoch: int) -> float:  # type: ignore[no-untyped-def]
+def time_loop(run, loader, epoch: int, steps: int) -> float:  # type: ignore[no-untyped-def]
+    """Seconds per iteration of the loader feeding the step, over the first ``steps`` batches of an epoch."""
     run.model.train()
     started = time.perf_counter()
     n = 0
     for batch in loader.epoch(epoch):
         run.train_step(batch)
         n += 1
+        if n == steps:
+            break
     synchronize(run.device)
     return (time.perf_counter() - started) / n
 
@@ -103,7 +106,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/train_speed"), help="work folder")
     parser.add_argument("--cases", type=int, default=4, help="brain phantoms to generate (default: 4)")
-    parser.add_argument("--steps", type=int, default=3, help="steps / batches timed per part (default: 3)")
+    parser.add_argument("--steps", type=int, default=3, help="training steps timed, alone and fed (default: 3)")
+    parser.add_argument("--batches", type=int, default=20, help="loader batches timed (default: 20)")
     parser.add_argument("--workers", type=int, nargs="+", default=[2], help="loader worker counts (default: 2)")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
     parser.add_argument("--patch", type=int, nargs=3, help="override the plan's patch size")
@@ -114,7 +118,7 @@ def main() -> None:
     rows = []
     for device in devices:
         for workers in args.workers:
-            run = make_run(raw, pre, args.out / "results", device, workers, args.steps, args.patch,
+            run = make_run(raw, pre, args.out / "results", device, workers, args.batches, args.patch,
                            args.compile and device == "cuda")  # fmt: skip
             conf = run.setup.configuration
             step = time_steps(run, args.steps)
@@ -124,13 +128,16 @@ def main() -> None:
             try:
                 next(iter(train_loader.epoch(0)))  # start the workers before timing
                 per_batch = time_loader(train_loader, 1)
-                loop = time_loop(run, train_loader, 2)
+                loop = time_loop(run, train_loader, 2, args.steps)
             finally:
                 train_loader.close()
                 val_loader.close()
             rows.append((device, workers, conf.patch_size, run.trainer.batch_size, step, per_batch, loop, peak))
     print()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {args.steps} steps per part")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; {args.steps} steps timed alone and"
+        f" fed by the loader, {args.batches} loader batches timed"
+    )
     header = (
         f"{'device':<7} {'workers':>7} {'patch':<14} {'batch':>5} {'step it/s':>10} {'loader b/s':>11}"
         f" {'loop it/s':>10} {'data-bound':>10} {'peak GPU GB':>11}"

@@ -8,46 +8,26 @@ torch's random state to continue exactly, also from the middle of an epoch after
 from __future__ import annotations
 
 import contextlib
-import shutil
 import signal
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from autoseg import atomic, serialization
-from autoseg.errors import AutosegError, TrainingInterrupted
-from autoseg.training import checkpoint as ckpt
+from autoseg.errors import TrainingInterrupted
 from autoseg.training.distributed import DistributedContext, choose_device
 from autoseg.training.progress import (
     EpochRecord,
     moving_average,
     plot_progress,
-    read_log,
     write_log,
 )
+from autoseg.training.record import write_run_json
+from autoseg.training.resume import Position, prepare_output, save
 from autoseg.training.trainer import Trainer
-
-CHECKPOINT_NAMES = ("checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt")
-
-
-@dataclass
-class Position:
-    """Where training stands; what a checkpoint restores besides the tensors."""
-
-    epoch: int = 0  # the epoch being trained (== epochs done when between epochs)
-    iteration: int = 0  # iterations of ``epoch`` already done (non-zero only after an interrupt)
-    partial_losses: list[float] = field(default_factory=list)  # train losses of those iterations
-    ema_pseudo_dice: float | None = None
-    best_ema_pseudo_dice: float | None = None
-    records: list[EpochRecord] = field(default_factory=list)
-    finished_epochs: int | None = None  # set when training reached the end of its budget
-    stop_reason: str | None = None
 
 
 @contextlib.contextmanager
@@ -180,112 +160,6 @@ class Run:
         )
         return train, val
 
-    # -- checkpoints -------------------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "network": self.network.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        }
-        if self.scaler is not None:
-            state["grad_scaler"] = self.scaler.state_dict()
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def _metadata(self) -> dict[str, Any]:
-        p = self.position
-        return {
-            "trainer": self.setup.trainer_name,
-            "dataset": self.setup.dataset,
-            "planner": self.setup.plan.planner,
-            "configuration": self.setup.configuration.name,
-            "fold": self.setup.fold,
-            "num_input_channels": self.trainer.num_input_channels,
-            "labels": self.setup.plan.labels,
-            "network": serialization.to_jsonable(self.setup.configuration.network),
-            "mirror_axes": list(self.spatial.mirror_axes),
-            "epochs": self.trainer.num_epochs,
-            "position": {
-                "epoch": p.epoch,
-                "iteration": p.iteration,
-                "partial_losses": p.partial_losses,
-                "ema_pseudo_dice": p.ema_pseudo_dice,
-                "best_ema_pseudo_dice": p.best_ema_pseudo_dice,
-                "finished_epochs": p.finished_epochs,
-                "stop_reason": p.stop_reason,
-            },
-            "log": [asdict(r) for r in p.records],
-        }
-
-    def save(self, name: str) -> None:
-        if self.main:
-            ckpt.save_checkpoint(self.out / name, self._state(), self._metadata())
-
-    def _restore(self, path: Path) -> None:
-        state, meta = ckpt.load_checkpoint(path)
-        for key, expected in (
-            ("trainer", self.setup.trainer_name),
-            ("configuration", self.setup.configuration.name),
-            ("fold", self.setup.fold),
-        ):
-            if meta.get(key) != expected:
-                raise AutosegError(f"checkpoint {path} belongs to {key} {meta.get(key)!r}, not {expected!r}")
-        try:
-            self.network.load_state_dict(state["network"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise AutosegError(
-                f"checkpoint {path} does not fit this run's network or optimiser ({str(exc).splitlines()[0]});"
-                " the plan or trainer changed since it was written. Fix: train without --resume (--overwrite)"
-            ) from exc
-        if self.scaler is not None and "grad_scaler" in state:
-            self.scaler.load_state_dict(state["grad_scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        if self.device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        pos = meta["position"]
-        self.position = Position(
-            epoch=pos["epoch"],
-            iteration=pos["iteration"],
-            partial_losses=list(pos["partial_losses"]),
-            ema_pseudo_dice=pos["ema_pseudo_dice"],
-            best_ema_pseudo_dice=pos["best_ema_pseudo_dice"],
-            finished_epochs=pos["finished_epochs"],
-            stop_reason=pos["stop_reason"],
-            records=read_log(meta["log"]),
-        )
-
-    def prepare_output(self) -> None:
-        """Fresh start, resume, or refuse: never mix two runs in one folder silently."""
-        existing = [self.out / n for n in CHECKPOINT_NAMES if (self.out / n).is_file()]
-        if self.options.resume:
-            latest = self.out / "checkpoint_latest.pt"
-            if not latest.is_file():
-                if self.main:
-                    print(f"autoseg: nothing to resume in {self.out}; starting from scratch", file=sys.stderr)
-                return
-            self._restore(latest)
-            done = self.position.finished_epochs
-            if done is not None and self.trainer.num_epochs < done:
-                raise AutosegError(
-                    f"{self.out} finished {done} epochs; --epochs {self.trainer.num_epochs} cannot shorten it"
-                )
-            if done is not None and self.trainer.num_epochs > done:
-                self.position.finished_epochs = None  # extend a finished run
-                self.position.stop_reason = None
-            return
-        if existing:
-            if not self.options.overwrite:
-                raise AutosegError(
-                    f"{self.out} already holds a run ({existing[0].name}). Fix: pass --resume to continue it"
-                    " (or extend it with a larger --epochs), or --overwrite to start again"
-                )
-            self.dist.barrier()
-            if self.main:
-                shutil.rmtree(self.out)
-            self.dist.barrier()
-
     # -- the loop ----------------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:
@@ -413,7 +287,7 @@ class Run:
         pos.records.append(record)
         pos.epoch, pos.iteration, pos.partial_losses = epoch + 1, 0, []
         if new_best:
-            self.save("checkpoint_best.pt")
+            save(self, "checkpoint_best.pt")
         if self.main:
             write_log(self.out / "log.jsonl", pos.records)
             plot_progress(self.out / "progress.png", pos.records)
@@ -423,80 +297,28 @@ class Run:
                 tqdm.write(record.line())
         return record
 
-    def run_json(self, status: str, train_ids: list[str], val_ids: list[str], **extra: Any) -> None:
-        if not self.main:
-            return
-        t, conf = self.trainer, self.setup.configuration
-        data = {
-            "status": status,
-            "dataset": self.setup.dataset,
-            "trainer": self.setup.trainer_name,
-            "trainer_class": f"{type(t).__module__}.{type(t).__qualname__}",
-            "planner": self.setup.plan.planner,
-            "configuration": conf.name,
-            "fold": self.setup.fold,
-            "epochs": t.num_epochs,
-            "iterations_per_epoch": t.num_iterations,
-            "val_iterations": t.num_val_iterations,
-            "initial_lr": t.lr,
-            "momentum": t.momentum,
-            "weight_decay": t.weight_decay,
-            "nesterov": t.nesterov,
-            "grad_clip_norm": t.grad_clip_norm,
-            "lr_schedule": serialization.to_jsonable(self.schedule)
-            if hasattr(self.schedule, "__dataclass_fields__")
-            else repr(self.schedule),
-            "batch_size": t.batch_size,
-            "batch_size_per_process": self.dist.share_batch(t.batch_size),
-            "oversample_foreground": t.oversample_foreground,
-            "patch_size": list(conf.patch_size),
-            "sample_size": list(self.spatial.sample_size),
-            "mirror_axes": list(self.spatial.mirror_axes),
-            "dummy_2d_augmentation": self.spatial.do_dummy_2d,
-            "augmentation": serialization.to_jsonable(self.params),
-            "deep_supervision_weights": self.ds_weights,
-            "num_workers": self.num_workers,
-            "seed": self.options.seed,
-            "device": str(self.device),
-            "precision": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else "float32",
-            "grad_scaler": self.scaler is not None,
-            "compile": self.options.compile,
-            "compile_seconds": self.compile_seconds,
-            "world_size": self.dist.world_size,
-            "fast_dev_run": self.options.fast_dev_run,
-            "splits_file": str(self.setup.splits_file),
-            "train_cases": train_ids,
-            "val_cases": val_ids,
-            "epochs_done": self.position.epoch,
-            "stop_reason": self.position.stop_reason,
-            "torch_version": torch.__version__,
-            "python_version": sys.version.split()[0],
-            **extra,
-        }
-        atomic.write_json(self.out / "run.json", data)
-
     def train(self) -> None:
         with _sigterm_as_interrupt():
             self._train()
 
     def _train(self) -> None:
         train_ids, val_ids = self._folds()
-        self.prepare_output()
+        prepare_output(self)
         train_loader, val_loader = self._loaders(train_ids, val_ids)
         started = time.strftime("%Y-%m-%dT%H:%M:%S")
         pos = self.position
         try:
             if pos.finished_epochs is None:
-                self.run_json("running", train_ids, val_ids, started=started)
+                write_run_json(self, "running", train_ids, val_ids, started=started)
                 self._epochs(train_loader, val_loader)
                 pos.finished_epochs = pos.epoch
-                self.save("checkpoint_final.pt")
-                self.save("checkpoint_latest.pt")
+                save(self, "checkpoint_final.pt")
+                save(self, "checkpoint_latest.pt")
             elif self.main and self.options.show_progress:
                 print(f"autoseg: {self.out} already trained {pos.finished_epochs} epochs")
         except KeyboardInterrupt:
-            self.save("checkpoint_latest.pt")
-            self.run_json("interrupted", train_ids, val_ids, started=started)
+            save(self, "checkpoint_latest.pt")
+            write_run_json(self, "interrupted", train_ids, val_ids, started=started)
             raise TrainingInterrupted(
                 f"training interrupted in epoch {pos.epoch} after {pos.iteration} iterations; the state is saved"
                 f" in {self.out / 'checkpoint_latest.pt'}. Resume with the same command plus --resume"
@@ -505,8 +327,11 @@ class Run:
             train_loader.close()
             val_loader.close()
         summary = self.validate_whole_cases(val_ids)
-        self.run_json("finished", train_ids, val_ids, started=started, finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      validation_summary=str(summary) if summary else None)  # fmt: skip
+        finished = time.strftime("%Y-%m-%dT%H:%M:%S")
+        write_run_json(
+            self, "finished", train_ids, val_ids, started=started, finished=finished,
+            validation_summary=str(summary) if summary else None,
+        )  # fmt: skip
 
     def _epochs(self, train_loader: Any, val_loader: Any) -> None:
         pos = self.position
@@ -518,7 +343,7 @@ class Run:
             record = self.end_epoch(epoch, train_loss, val_loss, dice, lr, time.perf_counter() - started)
             reason = self.trainer.on_epoch_end(record)
             if (epoch + 1) % self.trainer.checkpoint_every == 0 or self.options.fast_dev_run:
-                self.save("checkpoint_latest.pt")
+                save(self, "checkpoint_latest.pt")
             if reason:
                 pos.stop_reason = reason
                 break

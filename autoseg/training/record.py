@@ -1,0 +1,66 @@
+"""``run.json``: every value a run actually used, written when it starts, stops and finishes."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from autoseg import atomic, serialization
+
+if TYPE_CHECKING:
+    from autoseg.training.loop import Run
+
+
+def write_run_json(run: Run, status: str, train_ids: list[str], val_ids: list[str], **extra: Any) -> None:
+    if not run.main:
+        return
+    t, conf = run.trainer, run.setup.configuration
+    data = {
+        "status": status,
+        "dataset": run.setup.dataset,
+        "trainer": run.setup.trainer_name,
+        "trainer_class": f"{type(t).__module__}.{type(t).__qualname__}",
+        "planner": run.setup.plan.planner,
+        "configuration": conf.name,
+        "fold": run.setup.fold,
+        "epochs": t.num_epochs,
+        "iterations_per_epoch": t.num_iterations,
+        "val_iterations": t.num_val_iterations,
+        "initial_lr": t.lr,
+        "momentum": t.momentum,
+        "weight_decay": t.weight_decay,
+        "nesterov": t.nesterov,
+        "grad_clip_norm": t.grad_clip_norm,
+        "lr_schedule": serialization.to_jsonable(run.schedule)
+        if hasattr(run.schedule, "__dataclass_fields__")
+        else repr(run.schedule),
+        "batch_size": t.batch_size,
+        "batch_size_per_process": run.dist.share_batch(t.batch_size),
+        "oversample_foreground": t.oversample_foreground,
+        "patch_size": list(conf.patch_size),
+        "sample_size": list(run.spatial.sample_size),
+        "mirror_axes": list(run.spatial.mirror_axes),
+        "dummy_2d_augmentation": run.spatial.do_dummy_2d,
+        "augmentation": serialization.to_jsonable(run.params),
+        "deep_supervision_weights": run.ds_weights,
+        "num_workers": run.num_workers,
+        "seed": run.options.seed,
+        "device": str(run.device),
+        "precision": str(run.autocast_dtype).replace("torch.", "") if run.autocast_dtype else "float32",
+        "grad_scaler": run.scaler is not None,
+        "compile": run.options.compile,
+        "compile_seconds": run.compile_seconds,
+        "world_size": run.dist.world_size,
+        "fast_dev_run": run.options.fast_dev_run,
+        "splits_file": str(run.setup.splits_file),
+        "train_cases": train_ids,
+        "val_cases": val_ids,
+        "epochs_done": run.position.epoch,
+        "stop_reason": run.position.stop_reason,
+        "torch_version": torch.__version__,
+        "python_version": sys.version.split()[0],
+        **extra,
+    }
+    atomic.write_json(run.out / "run.json", data)
