@@ -38,6 +38,8 @@ class DistributedContext:
     def start(self, device: torch.device) -> None:
         if self.enabled and not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # NCCL binds each rank to its current GPU
             dist.init_process_group(backend=backend, rank=self.rank, world_size=self.world_size)
 
     def stop(self) -> None:
@@ -48,9 +50,11 @@ class DistributedContext:
         """Sum over ranks (in place on a copy); the identity for a world of one."""
         if not self.enabled:
             return tensor
-        out = tensor.clone()
+        # NCCL reduces CUDA tensors only; the logged values live on the CPU, so they travel through the GPU.
+        where = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+        out = tensor.to(where, copy=True)
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        return out.to(tensor.device)
 
     def barrier(self) -> None:
         if self.enabled:
