@@ -63,7 +63,7 @@ def autoseg_fold(raw: Path, out: Path, epochs: int, workers: int, train: bool = 
     return fold / "validation", per_epoch, seconds
 
 
-def nnunet_fold(raw: Path, out: Path, epochs: int, workers: int) -> tuple[Path, float, float]:
+def nnunet_fold(raw: Path, out: Path, epochs: int, workers: int, train: bool = True) -> tuple[Path, float, float]:
     env = {
         **os.environ,
         "nnUNet_raw": str(out / "nnunet_raw"),
@@ -71,18 +71,20 @@ def nnunet_fold(raw: Path, out: Path, epochs: int, workers: int) -> tuple[Path, 
         "nnUNet_results": str(out / "nnunet_results"),
         "nnUNet_n_proc_DA": str(workers),
     }
-    (out / "nnunet_raw").mkdir(parents=True, exist_ok=True)
-    link = out / "nnunet_raw" / DATASET
-    if not link.exists():
-        link.symlink_to(raw.resolve())
-    bin_dir = Path(sys.executable).parent
-    run([str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", "1", "-c", "3d_fullres", "-np", str(workers)], env)
-    shutil.rmtree(out / "nnunet_results", ignore_errors=True)
-    # nnUNetv2_train finds trainers by importing every trainer module, some of which need timm and
-    # torchvision; building nnUNetTrainer directly (as run_training does) needs neither, and lets us set any
-    # epoch count on the default trainer instead of picking an nnUNetTrainer_<N>epochs variant.
-    driver = NNUNET_DRIVER.format(preprocessed=out / "nnunet_preprocessed", dataset=DATASET, epochs=epochs)
-    seconds = run([sys.executable, "-c", driver], env)
+    seconds = float("nan")
+    if train:
+        (out / "nnunet_raw").mkdir(parents=True, exist_ok=True)
+        link = out / "nnunet_raw" / DATASET
+        if not link.exists():
+            link.symlink_to(raw.resolve())
+        bin_dir = Path(sys.executable).parent
+        run([str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", "1", "-c", "3d_fullres", "-np", str(workers)], env)
+        shutil.rmtree(out / "nnunet_results", ignore_errors=True)
+        # nnUNetv2_train finds trainers by importing every trainer module, some of which need timm and
+        # torchvision; building nnUNetTrainer directly (as run_training does) needs neither, and lets us set any
+        # epoch count on the default trainer instead of picking an nnUNetTrainer_<N>epochs variant.
+        driver = NNUNET_DRIVER.format(preprocessed=out / "nnunet_preprocessed", dataset=DATASET, epochs=epochs)
+        seconds = run([sys.executable, "-c", driver], env)
     fold = out / "nnunet_results" / DATASET / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_0"
     log = next(fold.glob("training_log_*.txt")).read_text()
     times = [float(t) for t in re.findall(r"Epoch time: ([0-9.]+) s", log)]
@@ -113,6 +115,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="augmentation processes for both (default: 2)")
     parser.add_argument("--skip-nnunet", action="store_true", help="train autoseg only")
     parser.add_argument("--reuse-autoseg", action="store_true", help="score autoseg's finished fold again, no training")
+    parser.add_argument("--reuse-nnunet", action="store_true", help="score nnU-Net's finished fold again, no training")
     args = parser.parse_args()
 
     from autoseg.example import make_example_dataset
@@ -124,7 +127,7 @@ def main() -> None:
     ours = autoseg_fold(raw, args.out, args.epochs, args.workers, train=not args.reuse_autoseg)
     rows.append(("autoseg", *ours))
     if not args.skip_nnunet:
-        rows.append(("nnU-Net v2", *nnunet_fold(raw, args.out, args.epochs, args.workers)))
+        rows.append(("nnU-Net v2", *nnunet_fold(raw, args.out, args.epochs, args.workers, not args.reuse_nnunet)))
     names = [n for n, v in sorted(labels.items(), key=lambda kv: kv[1]) if v != 0]
     header = f"{'framework':<11} " + " ".join(f"{n[:12]:>12}" for n in names)
     header += f" {'fg mean':>8} {'HD95 mm':>8} {'s/epoch':>8} {'total s':>8}"

@@ -303,3 +303,16 @@ def test_the_readme_trainer_example_works(prepared: tuple[Path, Path], tmp_path:
         (results / prepared[0].name / f"dice_heavy__default__{CONFIG}" / "fold_0" / "run.json").read_text()
     )
     assert run["initial_lr"] == 5e-3 and run["augmentation"]["p_rotation"] == 0.4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile_network", [False, True])
+def test_fast_dev_run_on_cuda(prepared: tuple[Path, Path], tmp_path: Path, compile_network: bool) -> None:
+    """Mixed precision (and torch.compile) on a GPU: the run finishes and says what it used."""
+    folder = run_fold(
+        prepared, paths_for(prepared, tmp_path), fast_dev_run=True, device="cuda", compile=compile_network
+    )
+    run = json.loads((folder / "run.json").read_text())
+    assert run["status"] == "finished" and run["device"].startswith("cuda")
+    assert run["precision"] in ("bfloat16", "float16") and run["compile"] == compile_network
+    assert json.loads((folder / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"] is not None
