@@ -22,7 +22,14 @@ from autoseg.training.trainer import TRAINERS, TrainOptions
 
 CONFIG = "3d_fullres"
 # Small enough for 2 CPU cores: 3 iterations of batch 2 on a 16x20x18 patch take well under a second.
-QUICK = {"iterations_per_epoch": 3, "val_iterations": 1, "num_workers": 0, "validation_mirroring": False}
+# On the CPU everywhere (also on a GPU machine), so that the bit-for-bit resume checks are deterministic.
+QUICK = {
+    "iterations_per_epoch": 3,
+    "val_iterations": 1,
+    "num_workers": 0,
+    "validation_mirroring": False,
+    "device": "cpu",
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +66,7 @@ def test_fast_dev_run_writes_every_file(prepared: tuple[Path, Path], tmp_path: P
     results = tmp_path / "results"
     code = main(
         ["-q", "train", str(prepared[0]), CONFIG, "1", "--preprocessed", str(prepared[1]), "--results", str(results),
-         "--fast-dev-run", "--num-workers", "0"]
+         "--fast-dev-run", "--num-workers", "0", "--device", "cpu"]
     )  # fmt: skip
     assert code == 0
     fold = results / prepared[0].name / f"default__default__{CONFIG}" / "fold_1"
@@ -247,7 +254,7 @@ def test_ddp_with_gloo_and_two_processes(prepared: tuple[Path, Path], tmp_path: 
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
         "-m", "autoseg", "-q", "train", str(prepared[0]), CONFIG, "0", "--preprocessed", str(prepared[1]),
         "--results", str(results), "--epochs", "2", "--iterations-per-epoch", "2", "--val-iterations", "1",
-        "--num-workers", "0", "--no-tta",
+        "--num-workers", "0", "--no-tta", "--device", "cpu",
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -271,7 +278,7 @@ def test_short_run_on_the_example_dataset_beats_chance(tmp_path: Path) -> None:
     paths = Paths(tmp_path / "pre", tmp_path / "results")
     plan_and_preprocess(dataset, paths, configurations=[CONFIG], num_workers=1, show_progress=False)
     options = TrainOptions(
-        epochs=8, iterations_per_epoch=15, val_iterations=2, num_workers=0, show_progress=False, seed=1
+        epochs=8, iterations_per_epoch=15, val_iterations=2, num_workers=0, show_progress=False, seed=1, device="cpu"
     )
     folder = train(dataset, paths, CONFIG, 0, options=options)
     summary = json.loads((folder / "validation" / "summary.json").read_text())
