@@ -170,6 +170,17 @@ def _spatial_transform(patch_size: Sequence[int], setup: SpatialSetup, params: A
     )
 
 
+def _gamma(params: AugmentationParams, invert: bool, p: float) -> GammaTransform:
+    """Gamma keeping the intensity statistics; ``invert`` applies it to the inverted image (nnU-Net: both)."""
+    return GammaTransform(
+        params.gamma_range,
+        invert_image=invert,
+        per_channel=params.gamma_per_channel,
+        retain_stats=params.gamma_retain_stats,
+        p_per_sample=p,
+    )
+
+
 def _intensity_transforms(setup: SpatialSetup, params: AugmentationParams) -> list[AbstractTransform]:
     candidates: list[tuple[float, AbstractTransform]] = [
         (
@@ -204,26 +215,8 @@ def _intensity_transforms(setup: SpatialSetup, params: AugmentationParams) -> li
                 ignore_axes=(0,) if setup.do_dummy_2d else None,  # keep the thick axis as it is
             ),
         ),
-        (
-            params.p_gamma_inverted,
-            GammaTransform(
-                params.gamma_range,
-                invert_image=True,
-                per_channel=params.gamma_per_channel,
-                retain_stats=params.gamma_retain_stats,
-                p_per_sample=params.p_gamma_inverted,
-            ),
-        ),
-        (
-            params.p_gamma,
-            GammaTransform(
-                params.gamma_range,
-                invert_image=False,
-                per_channel=params.gamma_per_channel,
-                retain_stats=params.gamma_retain_stats,
-                p_per_sample=params.p_gamma,
-            ),
-        ),
+        (params.p_gamma_inverted, _gamma(params, invert=True, p=params.p_gamma_inverted)),
+        (params.p_gamma, _gamma(params, invert=False, p=params.p_gamma)),
     ]
     return [transform for p, transform in candidates if p > 0]  # a transform that never fires is left out
 

@@ -5,10 +5,10 @@ from autoseg.inference.export import (
     export_prediction,
     label_values,
     load_probabilities,
-    predict_preprocessed_case,
     probabilities_files,
     softmax,
 )
+from autoseg.inference.predict import predict_preprocessed_case
 from autoseg.inference.sliding_window import gaussian_importance_map, sliding_window_predict, tile_starts
 
 __all__ = [

@@ -29,7 +29,6 @@ from autoseg.preprocessing.case import CaseProperties, restore_probabilities
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
 # Stored probabilities are rounded to half precision: half the disk of float32 (a 14-class CT is
 # gigabytes per case uncompressed), and a rounding error of < 5e-4 is far below what ensembled models
@@ -173,38 +172,3 @@ def load_probabilities(npz_file: str | Path) -> tuple[np.ndarray, ProbabilitiesI
             " predict the case again"
         )
     return probabilities, info
-
-
-def predict_preprocessed_case(
-    network: nn.Module,
-    image: np.ndarray | torch.Tensor,
-    configuration: Configuration,
-    mirror_axes: Sequence[int] | None = None,
-    device: torch.device | str | None = None,
-    step_size: float = 0.5,
-    use_mirroring: bool = True,
-    *,
-    num_classes: int,
-    tile_batch_size: int | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Logits (num_classes, *shape) of a preprocessed image (C, *shape), float32 on ``device``.
-
-    A thin wrapper of ``sliding_window_predict`` with the configuration's patch size (a 2D configuration
-    predicts slice by slice). ``mirror_axes`` are the network's spatial axes used for mirroring (the
-    trainer's choice); ``use_mirroring=False`` switches mirroring off. ``device`` is where the logits are
-    accumulated; the network runs where its parameters are.
-    """
-    from autoseg.inference.sliding_window import DEFAULT_TILE_BATCH_SIZE, sliding_window_predict
-
-    return sliding_window_predict(
-        network,
-        image,
-        configuration.patch_size,
-        num_classes,
-        mirror_axes=mirror_axes if use_mirroring else None,
-        step_size=step_size,
-        tile_batch_size=tile_batch_size or DEFAULT_TILE_BATCH_SIZE,
-        device=device,
-        progress=progress,
-    )

@@ -79,8 +79,7 @@ class Run:
 
         torch.manual_seed(self.options.seed)
         self.network = trainer.build_network().to(self.device)
-        self.num_outputs = self._count_outputs()
-        self.ds_weights = deep_supervision_weights(self.num_outputs) if self.num_outputs > 1 else [1.0]
+        self.ds_weights = deep_supervision_weights(self._count_outputs())
         if hasattr(self.network, "num_outputs"):  # compute no head whose loss weight is zero
             setattr(self.network, "num_outputs", sum(1 for w in self.ds_weights if w > 0))  # noqa: B010
         self.loss = DeepSupervisionLoss(trainer.build_loss(), self.ds_weights)
@@ -156,7 +155,7 @@ class Run:
         # Validation batches get their own stream: the same seed with a different rank tag.
         train = BatchLoader(train_sampler, train_aug, self.trainer.num_iterations, workers, seed, self.dist.rank, pin)
         val = BatchLoader(
-            val_sampler, val_aug, self.trainer.num_val_iterations, max(workers // 2, 0), seed + 1, self.dist.rank, pin
+            val_sampler, val_aug, self.trainer.num_val_iterations, workers // 2, seed + 1, self.dist.rank, pin
         )
         return train, val
 
@@ -224,10 +223,10 @@ class Run:
         )
         try:
             for i, batch in enumerate(loader.epoch(epoch, start=pos.iteration), start=pos.iteration):
-                if self.compile_seconds is None and self.options.compile:
-                    started = time.perf_counter()
+                first_compiled_step = self.options.compile and self.compile_seconds is None
+                started = time.perf_counter()
                 losses.append(self.train_step(batch))
-                if self.compile_seconds is None and self.options.compile:
+                if first_compiled_step:  # the compilation's warm-up, reported apart from the epoch times
                     self.compile_seconds = time.perf_counter() - started
                 pos.iteration = i + 1
                 bar.update(1)
@@ -239,10 +238,10 @@ class Run:
             # validation that follows) holds every loss of the epoch so far.
             pos.partial_losses += [float(x) for x in torch.stack(losses).tolist()] if losses else []
             bar.close()
-        all_losses = pos.partial_losses
-        mean = torch.tensor([sum(all_losses), len(all_losses)], dtype=torch.float64)
-        mean = self.dist.sum(mean)
-        return float(mean[0]) / max(float(mean[1]), 1.0)
+        total_and_count = self.dist.sum(
+            torch.tensor([sum(pos.partial_losses), len(pos.partial_losses)], dtype=torch.float64)
+        )
+        return float(total_and_count[0]) / max(float(total_and_count[1]), 1.0)
 
     def validate_epoch(self, epoch: int, loader: Any) -> tuple[float, list[float | None]]:
         self.model.eval()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,10 +33,6 @@ class EpochRecord:
             f" pseudo Dice [{per_class}] mean {fmt(self.mean_pseudo_dice)} (avg {fmt(self.ema_pseudo_dice)}),"
             f" lr {self.lr:.2e}, {self.epoch_seconds:.1f} s{best}"
         )
-
-
-def finite_or_none(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)
 
 
 def moving_average(previous: float | None, new: float | None, momentum: float) -> float | None:

@@ -18,7 +18,7 @@ def predict_and_evaluate(run: Run, case_ids: list[str]) -> Path | None:
     from autoseg.data.cases import PreprocessedCases
     from autoseg.evaluation.evaluate import evaluate_folder
     from autoseg.inference.export import export_prediction
-    from autoseg.inference.sliding_window import sliding_window_predict
+    from autoseg.inference.predict import predict_preprocessed_case
 
     setup, options = run.setup, run.options
     if not case_ids:
@@ -31,17 +31,16 @@ def predict_and_evaluate(run: Run, case_ids: list[str]) -> Path | None:
     deep_supervision = getattr(network, "deep_supervision", None)
     if deep_supervision is not None:
         network.deep_supervision = False  # type: ignore[assignment]
-    mirror_axes = run.spatial.mirror_axes if options.validation_mirroring else None
     try:
         for case_id in tqdm(case_ids, desc="validation", unit="case", disable=not options.show_progress):
-            image = cases.image(case_id)
-            logits = sliding_window_predict(
+            logits = predict_preprocessed_case(
                 network,
-                image,
-                setup.configuration.patch_size,
-                run.trainer.num_classes,
-                mirror_axes=mirror_axes,
+                cases.image(case_id),
+                setup.configuration,
+                run.spatial.mirror_axes,
                 device=run.device,
+                use_mirroring=options.validation_mirroring,
+                num_classes=run.trainer.num_classes,
                 use_amp=run.autocast_dtype is not None,
                 # Half-precision accumulation halves the memory of large volumes; the running weighted mean
                 # keeps it within 2e-2 of float32 (tests/test_inference.py), far below what moves an argmax.
