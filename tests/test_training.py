@@ -247,11 +247,20 @@ def test_plugin_file_trainer_is_listed_and_trains(
     assert run["initial_lr"] == 5e-3 and run["epochs"] == 1 and run["trainer"] == "lab_short"
 
 
+def free_port() -> int:
+    """A port no other process listens on, so that the test never collides with a run beside it."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def test_ddp_with_gloo_and_two_processes(prepared: tuple[Path, Path], tmp_path: Path) -> None:
     results = tmp_path / "results"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         "-m", "autoseg", "-q", "train", str(prepared[0]), CONFIG, "0", "--preprocessed", str(prepared[1]),
         "--results", str(results), "--epochs", "2", "--iterations-per-epoch", "2", "--val-iterations", "1",
         "--num-workers", "0", "--no-tta", "--device", "cpu",
