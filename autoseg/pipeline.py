@@ -136,6 +136,7 @@ def training_setup(
         ground_truth_dir=paths.ground_truth_dir(spec.name),
         file_ending=spec.file_ending,
         output_dir=paths.fold_dir(spec.name, trainer, planner, configuration, fold),
+        dataset_description=spec.description_file,
     )
 
 

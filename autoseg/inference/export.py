@@ -23,7 +23,7 @@ import numpy as np
 
 from autoseg import atomic, serialization
 from autoseg.errors import AutosegError
-from autoseg.io import file_ending, write_segmentation
+from autoseg.io import Geometry, file_ending, write_segmentation
 from autoseg.plan import Configuration, Plan
 from autoseg.preprocessing.case import CaseProperties, restore_probabilities
 
@@ -39,16 +39,20 @@ PROBABILITIES_KEY = "probabilities"
 
 @dataclass(frozen=True)
 class ProbabilitiesInfo:
-    """What ``CASE_probabilities.json`` says about ``CASE.npz``; load it with ``autoseg.serialization.load``."""
+    """What ``CASE_probabilities.json`` says about ``CASE.npz``; load it with ``autoseg.serialization.load``.
 
-    SCHEMA_VERSION = 1
+    The geometry is the original image's, so an ensemble of stored probabilities can write its segmentation
+    without any other file.
+    """
+
+    SCHEMA_VERSION = 2
 
     schema_version: int
     case_id: str
     configuration: str
     labels: dict[str, int]  # the plan's label names -> values
     channel_label_values: tuple[int, ...]  # label value of each probability channel, in channel order
-    spacing_mm: tuple[float, ...]  # of the original image, (z, y, x)
+    geometry: Geometry  # of the original image (spacing (z, y, x), origin, direction)
     shape: tuple[int, ...]  # (K, z, y, x) of the stored array
     dtype: str
 
@@ -147,7 +151,7 @@ def _save_probabilities(
         configuration=configuration.name,
         labels=dict(plan.labels),
         channel_label_values=label_values(plan),
-        spacing_mm=tuple(float(s) for s in properties.geometry.spacing_mm),
+        geometry=properties.geometry,
         shape=tuple(int(s) for s in stored.shape),
         dtype=str(stored.dtype),
     )

@@ -25,7 +25,7 @@ from autoseg.training.progress import (
     plot_progress,
     write_log,
 )
-from autoseg.training.record import write_run_json
+from autoseg.training.record import write_model_files, write_run_json
 from autoseg.training.resume import Position, prepare_output, save
 from autoseg.training.trainer import Trainer
 
@@ -303,6 +303,7 @@ class Run:
     def _train(self) -> None:
         train_ids, val_ids = self._folds()
         prepare_output(self)
+        write_model_files(self)
         train_loader, val_loader = self._loaders(train_ids, val_ids)
         started = time.strftime("%Y-%m-%dT%H:%M:%S")
         pos = self.position

@@ -2,15 +2,45 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from autoseg import atomic, serialization
+from autoseg.errors import AutosegError
 
 if TYPE_CHECKING:
     from autoseg.training.loop import Run
+
+
+PLAN_FILE = "plan.json"
+DATASET_FILE = "dataset.json"
+
+
+def write_model_files(run: Run) -> None:
+    """``plan.json`` and ``dataset.json`` beside the folds, so the model folder predicts on its own.
+
+    Every fold of a model must come from one plan: a plan that changed since other folds were trained
+    would make an ensemble of folds that disagree about spacing and patch size, so it is refused.
+    """
+    if not run.main:
+        return
+    model_dir = run.out.parent
+    plan = serialization.to_jsonable(run.setup.plan)
+    plan_file = model_dir / PLAN_FILE
+    if plan_file.is_file():
+        if json.loads(plan_file.read_text(encoding="utf-8")) != plan:
+            raise AutosegError(
+                f"{plan_file}: the plan changed since other folds of this model were trained. Fix: train the"
+                " new plan into another --results folder, or delete the model folder to retrain every fold"
+            )
+    else:
+        atomic.write_json(plan_file, plan)
+    description = run.setup.dataset_description
+    if description is not None and description.is_file():
+        atomic.write_text(model_dir / DATASET_FILE, description.read_text(encoding="utf-8"))
 
 
 def write_run_json(run: Run, status: str, train_ids: list[str], val_ids: list[str], **extra: Any) -> None:

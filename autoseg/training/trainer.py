@@ -43,6 +43,7 @@ class TrainingSetup:
     ground_truth_dir: Path  # the training labels in the original geometry, for whole-case validation
     file_ending: str
     output_dir: Path  # results/<dataset>/<trainer>__<planner>__<configuration>/fold_<k>
+    dataset_description: Path | None = None  # dataset.json, copied beside the model so it predicts on its own
 
 
 @dataclass(frozen=True)
