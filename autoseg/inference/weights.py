@@ -54,7 +54,9 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, metadata
 
 
-def load_fold_weights(fold_dir: str | Path, checkpoint: str = "checkpoint_final.pt") -> tuple[dict[str, Any], dict[str, Any]]:
+def load_fold_weights(
+    fold_dir: str | Path, checkpoint: str = "checkpoint_final.pt"
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(network state dict, metadata) of one fold: ``checkpoint`` if the folder has it, else ``model.safetensors``."""
     from autoseg.training.checkpoint import load_checkpoint
 
