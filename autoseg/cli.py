@@ -270,7 +270,8 @@ def _command(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoseg",
-        description="Self-configuring medical image segmentation: dataset folder in, plan and preprocessed data out.",
+        description="Self-configuring medical image segmentation: dataset folder in, the best cross-validated"
+        " model and a submission folder out. Start with `autoseg plan-and-train DATASET`.",
     )
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     parser.add_argument(
@@ -405,6 +406,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file-ending", help="e.g. .nii.gz (default: the most common ending in GT_DIR)")
     p.add_argument("--tolerance-mm", type=float, default=1.0, help="surface Dice tolerance in mm (default: 1)")
     _add_workers(p)
+
+    from autoseg.cli_models import add_model_commands
+
+    common = {
+        "dataset": _add_dataset,
+        "preprocessed": _add_preprocessed,
+        "results": _add_results,
+        "planner": _add_planner,
+        "gpu_memory": _add_gpu_memory,
+        "workers": _add_workers,
+    }
+    add_model_commands(sub, _command, common)
 
     p = _command(sub, cmd_list, "list", "list registered plug-ins", "List plug-ins with one line each.")
     p.add_argument("kind", choices=["planners", "trainers", "networks", "normalizers"], help="which registry to list")

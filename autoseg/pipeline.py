@@ -5,6 +5,7 @@ The CLI is a thin shim over these; they are also the Python API.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from autoseg.paths import Paths
 from autoseg.plan import Plan
 
 if TYPE_CHECKING:
+    from autoseg.evaluation.best import BestChoice
     from autoseg.training.trainer import TrainingSetup, TrainOptions
 
 
@@ -158,3 +160,56 @@ def train(
     trainer_class = TRAINERS.get(trainer)
     setup = training_setup(dataset, paths, configuration, fold, trainer, planner)
     return trainer_class(setup, options).fit()
+
+
+def find_best(
+    dataset: str | Path,
+    paths: Paths,
+    *,
+    trainer: str | None = None,
+    planner: str | None = None,
+    configurations: Sequence[str] | None = None,
+    folds: Sequence[int] | None = None,
+    num_workers: int | None = None,
+    show_progress: bool = True,
+) -> BestChoice:
+    """Choose the best model or ensemble and its postprocessing by cross-validation; writes best.json.
+
+    Candidates are the trained models under ``<results>/<dataset>/``, narrowed to ``trainer``, ``planner``
+    and ``configurations`` when given.
+    """
+    from autoseg.evaluation.best import ModelRef
+    from autoseg.evaluation.find_best import find_best as choose
+
+    spec = checked_dataset(dataset)
+    results_dir = paths.results / spec.name
+    found = sorted(
+        ModelRef.from_folder(d.name) for d in results_dir.glob("*__*__*") if d.is_dir() and d.name.count("__") == 2
+    ) if results_dir.is_dir() else []  # fmt: skip
+    models = [
+        m
+        for m in found
+        if (trainer is None or m.trainer == trainer)
+        and (planner is None or m.planner == planner)
+        and (configurations is None or m.configuration in configurations)
+    ]
+    if not models:
+        raise AutosegError(
+            f"{results_dir}: no trained model to choose from"
+            + (f" (found: {', '.join(m.folder for m in found)})" if found else "")
+            + f". Fix: autoseg plan-and-train {spec.root} (or autoseg train ...)"
+        )
+    return choose(
+        results_dir,
+        paths.ground_truth_dir(spec.name),
+        paths.splits_file(spec.name),
+        spec.labels,
+        spec.file_ending,
+        spec.channel_names,
+        spec.name,
+        models=models,
+        folds=folds,
+        images_dir=spec.root / "imagesTr",
+        num_workers=num_workers,
+        show_progress=show_progress,
+    )

@@ -9,7 +9,10 @@ import pytest
 
 from autoseg.cli import build_parser, main
 
-COMMANDS = ["example", "check", "fingerprint", "plan", "preprocess", "plan-and-preprocess", "list", "train", "evaluate"]
+COMMANDS = [
+    "example", "check", "fingerprint", "plan", "preprocess", "plan-and-preprocess", "list", "train", "evaluate",
+    "plan-and-train", "find-best", "predict", "ensemble", "postprocess", "export-model", "import-model",
+]  # fmt: skip
 
 
 def test_top_level_help_lists_every_command(capsys):

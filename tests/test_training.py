@@ -134,8 +134,12 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(
     assert [json.loads(x)["train_loss"] for x in log_a] == [json.loads(x)["train_loss"] for x in log_b]
 
 
-def test_sigterm_saves_the_state_and_exits_130(prepared: tuple[Path, Path], tmp_path: Path) -> None:
-    """A scheduler's SIGTERM while training: the latest state is written and --resume finishes the run."""
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_sigterm_saves_the_state_and_exits_130(prepared: tuple[Path, Path], tmp_path: Path, workers: str) -> None:
+    """A scheduler's SIGTERM while training: the latest state is written and --resume finishes the run.
+
+    With loader workers the signal goes to the whole process group, as Slurm or ``kill -- -PGID`` send it.
+    """
     import signal
     import time
 
@@ -143,14 +147,14 @@ def test_sigterm_saves_the_state_and_exits_130(prepared: tuple[Path, Path], tmp_
     command = [
         sys.executable, "-m", "autoseg", "-q", "train", str(prepared[0]), CONFIG, "0",
         "--preprocessed", str(prepared[1]), "--results", str(results), "--epochs", "500",
-        "--iterations-per-epoch", "3", "--val-iterations", "1", "--num-workers", "0", "--no-tta",
+        "--iterations-per-epoch", "3", "--val-iterations", "1", "--num-workers", workers, "--no-tta",
     ]  # fmt: skip
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
     fold = results / prepared[0].name / f"default__default__{CONFIG}" / "fold_0"
     deadline = time.monotonic() + 120
     while not (fold / "log.jsonl").is_file() and time.monotonic() < deadline:
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "--resume" in stderr

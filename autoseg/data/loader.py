@@ -13,6 +13,7 @@ and keep ``prefetch_factor`` batches each in flight, so the accelerator does not
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
@@ -74,10 +75,14 @@ class _EpochIndices(Sampler[int]):
         return self.iterations_per_epoch - self.start
 
 
-def _limit_worker_threads(_worker_id: int) -> None:
+def _init_worker(_worker_id: int) -> None:
     # each worker augments one batch at a time; more threads per worker only oversubscribe the CPU
     torch.set_num_threads(1)
     threadpool_limits(limits=1)
+    # A SIGTERM sent to the whole process group (Slurm, `kill -- -PGID`, pkill) must reach the main process
+    # alone: it saves checkpoint_latest and then shuts the workers down. A worker that died of it first made
+    # torch raise "DataLoader worker killed" in the middle of that save, and the interrupt was lost.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _default_context() -> str:
@@ -117,7 +122,7 @@ class BatchLoader:
             workers = {
                 "persistent_workers": True,
                 "prefetch_factor": self.prefetch_factor,
-                "worker_init_fn": _limit_worker_threads,
+                "worker_init_fn": _init_worker,
                 "multiprocessing_context": multiprocessing_context or _default_context(),
             }
         self._loader: DataLoader[dict[str, Any]] | None = DataLoader(
