@@ -20,7 +20,8 @@ import torch
 from conftest import write_dataset
 
 from autoseg import pipeline, serialization
-from autoseg.bundle import PNG_SIGNATURE, export_bundle, extract_bundle, import_bundle, is_bundle, opened_bundle
+from autoseg.bundle import export_bundle, extract_bundle, import_bundle, is_bundle, opened_bundle
+from autoseg.bundle.format import PNG_SIGNATURE
 from autoseg.errors import AutosegError
 from autoseg.evaluation.best import BestChoice, CandidateScore, ModelRef, Postprocessing, load_best, save_best
 from autoseg.inference.weights import load_fold_weights, load_safetensors, save_safetensors

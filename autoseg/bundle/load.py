@@ -1,26 +1,7 @@
-"""Model bundles: one zip that holds everything ``autoseg predict`` needs, and nothing that can run code.
-
-Layout (one top folder, so that extracting a bundle gives ``<results>/<dataset>``)::
-
-    <dataset>/manifest.json                  format, versions, SHA-256 and size of every other file
-    <dataset>/best.json                      find-best's choice; ``folds`` lists the folds in the bundle
-    <dataset>/report.md, report/*.png        find-best's report, when there is one
-    <dataset>/<trainer>__<planner>__<configuration>/plan.json, dataset.json
-    <dataset>/<trainer>__<planner>__<configuration>/fold_<k>/run.json, model.safetensors
-
-Importing trusts nothing in the file. Before anything is written: every name is a plain relative path under
-the one top folder (no absolute paths, ``..``, backslashes, drive letters, links or duplicates), every file
-is listed in the manifest and has a data type (JSON, safetensors, Markdown, PNG, text: a pickle or a torch
-checkpoint is refused whatever its name), the JSON files are checked against the manifest and their
-schemas, and every trainer and network the models name is installed. The weights are then streamed into a
-hidden sibling folder, checked against the manifest while they are read (the manifest's size caps each
-file, so a zip bomb cannot fill the disk) and opened as safetensors; only then is the folder renamed into
-place, so a refused bundle leaves nothing behind.
-"""
+"""Reading a bundle: validated completely before anything is written, then unpacked atomically."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -28,174 +9,34 @@ import shutil
 import stat
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-import autoseg
-from autoseg import atomic, serialization
+from autoseg import serialization
+from autoseg.bundle.format import (
+    ALLOWED_SUFFIXES,
+    COPY_CHUNK_BYTES,
+    FORMAT,
+    MANIFEST_FILE,
+    MAX_BUNDLE_BYTES,
+    MAX_TEXT_BYTES,
+    PICKLE_PROTOCOL_OPCODE,
+    PICKLE_SUFFIXES,
+    PNG_SIGNATURE,
+    REFUSED,
+    RUN_FILE,
+    TEXT_SUFFIXES,
+    BundleFile,
+    Manifest,
+    _check_weights_belong,
+)
 from autoseg.errors import AutosegError
-from autoseg.evaluation.best import BEST_FILE, BestChoice, ModelRef, load_best
-from autoseg.inference.weights import SAFETENSORS_FILE, load_fold_weights, load_safetensors, save_safetensors
+from autoseg.evaluation.best import BEST_FILE, BestChoice, ModelRef
+from autoseg.inference.weights import SAFETENSORS_FILE, load_safetensors
 from autoseg.plan import Plan
 from autoseg.training.record import DATASET_FILE, PLAN_FILE
-
-FORMAT = "autoseg-bundle"
-MANIFEST_FILE = "manifest.json"
-RUN_FILE = "run.json"
-REPORT_FILES = ("report.md", "report/*.png")  # find-best's report, shipped so the receiver sees the scores
-ALLOWED_SUFFIXES = (".json", ".safetensors", ".md", ".png", ".txt")
-TEXT_SUFFIXES = (".json", ".md", ".txt")  # read into memory and checked before anything is written
-STORED_SUFFIXES = (".safetensors", ".png")  # float weights and PNGs barely deflate; storing them is faster
-PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".npy", ".npz", ".joblib", ".bin")
-PICKLE_PROTOCOL_OPCODE = b"\x80"  # PROTO, the first byte of pickle protocols 2-5 and of legacy torch.save files
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# The largest JSON autoseg writes (a plan, best.json with every candidate) is well under 1 MiB.
-MAX_TEXT_BYTES = 64 * 2**20
-# An ensemble of three nnU-Net 3d_fullres models (~31 M parameters, 125 MB of float32 each) over five folds
-# is 1.9 GB; eight times that is room for larger networks and still refuses a zip bomb's claimed size.
-MAX_BUNDLE_BYTES = 16 * 2**30
-COPY_CHUNK_BYTES = 2**20
-ZIP64_FROM_BYTES = 2**31  # zipfile needs force_zip64 up front for an entry it streams past 2 GiB
-REFUSED = "Fix: ask for a bundle written by `autoseg export-model` (autoseg never runs code from a bundle)"
-
-
-@dataclass(frozen=True)
-class BundleFile:
-    sha256: str
-    bytes: int
-
-
-@dataclass(frozen=True)
-class Manifest:
-    SCHEMA_VERSION = 1
-
-    format: str
-    schema_version: int
-    dataset: str
-    autoseg_version: str
-    created: str  # ISO 8601, UTC
-    files: dict[str, BundleFile]  # path under the top folder -> checksum; every file but the manifest
-    trainers: tuple[str, ...]  # the plug-ins the models need, so a reader sees them without unpacking
-    networks: tuple[str, ...]
-
-
-def export_bundle(
-    results_dataset_dir: str | Path,
-    output: str | Path,
-    folds: Sequence[int] | None = None,
-    checkpoint: str | None = None,
-) -> Path:
-    """Write best.json's models (``folds``, default best.json's; ``checkpoint``, default best.json's) as a bundle."""
-    results_dataset_dir, output = Path(results_dataset_dir), Path(output)
-    best = load_best(results_dataset_dir)
-    checkpoint = checkpoint or best.checkpoint
-    if Path(checkpoint).name != checkpoint or checkpoint in ("", ".", ".."):
-        raise AutosegError(
-            f"checkpoint {checkpoint!r} must be a file name in each fold folder, e.g. checkpoint_final.pt"
-        )
-    chosen = _chosen_folds(best, folds, results_dataset_dir)
-    exported = dataclasses.replace(best, folds=chosen, checkpoint=checkpoint)
-    with tempfile.TemporaryDirectory(prefix="autoseg-export-") as staging_name:
-        staging = Path(staging_name)
-        serialization.save(exported, staging / BEST_FILE)
-        sources = {BEST_FILE: staging / BEST_FILE}
-        networks = {_stage_model(results_dataset_dir, m, chosen, checkpoint, staging, sources) for m in best.members}
-        for pattern in REPORT_FILES:
-            for path in sorted(results_dataset_dir.glob(pattern)):
-                sources[path.relative_to(results_dataset_dir).as_posix()] = path
-        trainers = sorted({m.trainer for m in best.members})
-        atomic.write_with(output, lambda tmp: _write_zip(tmp, best.dataset, sources, trainers, sorted(networks)))
-    return output
-
-
-def _chosen_folds(best: BestChoice, folds: Sequence[int] | None, where: Path) -> tuple[int, ...]:
-    chosen = tuple(sorted(set(folds))) if folds else best.folds
-    unknown = [k for k in chosen if k not in best.folds]
-    if unknown:
-        raise AutosegError(
-            f"{where / BEST_FILE}: fold(s) {', '.join(map(str, unknown))} are not among the folds find-best chose"
-            f" ({', '.join(map(str, best.folds))}). Fix: --folds with some of those, or rerun find-best after training"
-        )
-    return chosen
-
-
-def _stage_model(
-    results_dataset_dir: Path, member: ModelRef, folds: tuple[int, ...], checkpoint: str, staging: Path,
-    sources: dict[str, Path],
-) -> str:  # fmt: skip
-    """Add one model's files to ``sources`` (its weights converted to safetensors); returns its architecture."""
-    model_dir = results_dataset_dir / member.folder
-    for name in (PLAN_FILE, DATASET_FILE):
-        if not (model_dir / name).is_file():
-            raise AutosegError(
-                f"{model_dir / name} is missing; a bundle needs the plan and the dataset description of each"
-                " model. Fix: train the model with this version of autoseg (training writes both)"
-            )
-        sources[f"{member.folder}/{name}"] = model_dir / name
-    plan = serialization.load(Plan, model_dir / PLAN_FILE)
-    architecture = plan.configuration(member.configuration).network.architecture
-    for fold in folds:
-        fold_dir = model_dir / f"fold_{fold}"
-        weights = [fold_dir / name for name in (checkpoint, SAFETENSORS_FILE) if (fold_dir / name).is_file()]
-        if not weights or not (fold_dir / RUN_FILE).is_file():
-            missing = RUN_FILE if weights else f"{checkpoint} (or {SAFETENSORS_FILE})"
-            raise AutosegError(
-                f"{fold_dir}: no {missing}. Fix: finish training this fold (autoseg train ... --resume), or"
-                " export the folds that exist with --folds"
-            )
-        network_state, metadata = load_fold_weights(fold_dir, checkpoint)
-        _check_weights_belong(metadata, member, fold, fold_dir)
-        relative = f"{member.folder}/fold_{fold}"
-        save_safetensors(staging / relative / SAFETENSORS_FILE, network_state, metadata)
-        sources[f"{relative}/{SAFETENSORS_FILE}"] = staging / relative / SAFETENSORS_FILE
-        sources[f"{relative}/{RUN_FILE}"] = fold_dir / RUN_FILE
-    return architecture
-
-
-def _check_weights_belong(metadata: dict[str, Any], member: ModelRef, fold: int, where: str | Path) -> None:
-    expected = {
-        "trainer": member.trainer,
-        "planner": member.planner,
-        "configuration": member.configuration,
-        "fold": fold,
-    }
-    for key, value in expected.items():
-        if key in metadata and metadata[key] != value:
-            raise AutosegError(
-                f"{where}: the weights there belong to {key} {metadata[key]!r}, not {value!r}. Fix: the folder"
-                " holds another model's files; retrain this fold or restore the right files"
-            )
-
-
-def _write_zip(path: Path, dataset: str, sources: dict[str, Path], trainers: list[str], networks: list[str]) -> None:
-    files: dict[str, BundleFile] = {}
-    with zipfile.ZipFile(path, "w") as archive:
-        for relative, source in sorted(sources.items()):
-            with source.open("rb") as src:
-                files[relative] = _add_entry(archive, f"{dataset}/{relative}", src, source.stat().st_size)
-        manifest = Manifest(FORMAT, Manifest.SCHEMA_VERSION, dataset, autoseg.__version__,
-                            datetime.now(timezone.utc).isoformat(timespec="seconds"), files, tuple(trainers),
-                            tuple(networks))  # fmt: skip
-        text = json.dumps(serialization.to_jsonable(manifest), indent=2).encode() + b"\n"
-        _add_entry(archive, f"{dataset}/{MANIFEST_FILE}", io.BytesIO(text), len(text))
-
-
-def _add_entry(archive: zipfile.ZipFile, name: str, src: IO[bytes], size: int) -> BundleFile:
-    """Copy ``src`` into the zip as a regular file, hashing what is written (not what was read earlier)."""
-    info = zipfile.ZipInfo(name, date_time=datetime.now().timetuple()[:6])
-    info.compress_type = zipfile.ZIP_STORED if name.endswith(STORED_SUFFIXES) else zipfile.ZIP_DEFLATED
-    info.external_attr = (stat.S_IFREG | 0o644) << 16
-    digest, written = hashlib.sha256(), 0
-    with archive.open(info, "w", force_zip64=size >= ZIP64_FROM_BYTES) as dst:
-        while chunk := src.read(COPY_CHUNK_BYTES):
-            digest.update(chunk)
-            dst.write(chunk)
-            written += len(chunk)
-    return BundleFile(digest.hexdigest(), written)
 
 
 def import_bundle(bundle: str | Path, results_root: str | Path, overwrite: bool = False) -> Path:
