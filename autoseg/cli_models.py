@@ -136,13 +136,11 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def cmd_postprocess(args: argparse.Namespace) -> int:
-    from autoseg.evaluation.best import load_best
-    from autoseg.evaluation.postprocessing import postprocess_folder
+    from autoseg.evaluation.postprocessing import postprocess_with_best
 
-    best = load_best(args.model)
-    written = postprocess_folder(
-        Path(args.input), Path(args.output), best.postprocessing, [v for v in best.labels.values() if v != 0],
-        best.file_ending, num_workers=args.num_workers, show_progress=not args.quiet,
+    written = postprocess_with_best(
+        Path(args.input), Path(args.output), Path(args.model), num_workers=args.num_workers,
+        show_progress=not args.quiet,
     )  # fmt: skip
     print(f"{len(written)} case(s) written to {args.output}")
     return 0

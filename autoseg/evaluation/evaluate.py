@@ -202,7 +202,7 @@ def _evaluate_case(job: _CaseJob) -> dict[str, Any]:
     }
 
 
-def _mean(values: Iterable[float]) -> float:
+def mean_skipping_nan(values: Iterable[float]) -> float:
     """Mean skipping NaN; NaN when nothing is left. inf stays (an empty mask on one side is a failure)."""
     kept = [float(v) for v in values if not math.isnan(v)]
     return sum(kept) / len(kept) if kept else math.nan
@@ -217,11 +217,15 @@ def _summary(
     tolerance_mm: float,
 ) -> dict[str, Any]:
     means = {
-        value: {metric: _mean(case["metrics"][value][metric] for case in per_case) for metric in METRIC_NAMES}
+        value: {
+            metric: mean_skipping_nan(case["metrics"][value][metric] for case in per_case) for metric in METRIC_NAMES
+        }
         for value in labels.values()
     }
     foreground = [value for value in labels.values() if value != 0]
-    foreground_mean = {metric: _mean(means[value][metric] for value in foreground) for metric in METRIC_NAMES}
+    foreground_mean = {
+        metric: mean_skipping_nan(means[value][metric] for value in foreground) for metric in METRIC_NAMES
+    }
     summary = {
         "prediction_folder": str(pred_dir),
         "reference_folder": str(gt_dir),

@@ -14,6 +14,7 @@ With ``save_probabilities`` the restored probabilities go to ``CASE.npz`` (key `
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,7 @@ def export_prediction(
             f" of configuration {configuration.name!r}). Was the case preprocessed for another configuration?"
         )
     probabilities = restore_probabilities(softmax(array), properties, plan, configuration)
-    write_segmentation(_argmax_to_labels(probabilities, values), properties.geometry, output_file)
+    write_segmentation(labels_from_probabilities(probabilities, values), properties.geometry, output_file)
     if save_probabilities:
         _save_probabilities(probabilities, properties, plan, configuration, output_file, probabilities_dtype)
 
@@ -121,7 +122,7 @@ def _as_numpy(logits: np.ndarray | torch.Tensor) -> np.ndarray:
     return logits.detach().float().cpu().numpy()
 
 
-def _argmax_to_labels(probabilities: np.ndarray, values: Sequence[int]) -> np.ndarray:
+def labels_from_probabilities(probabilities: np.ndarray, values: Sequence[int]) -> np.ndarray:
     index = probabilities.argmax(axis=0)
     if tuple(values) == tuple(range(len(values))):
         return index.astype(np.uint8 if len(values) <= 256 else np.int16)
@@ -136,6 +137,29 @@ def _save_probabilities(
     output_file: str | Path,
     dtype: type[np.floating],
 ) -> None:
+    info = ProbabilitiesInfo(
+        schema_version=ProbabilitiesInfo.SCHEMA_VERSION,
+        case_id=properties.case_id,
+        configuration=configuration.name,
+        labels=dict(plan.labels),
+        channel_label_values=label_values(plan),
+        geometry=properties.geometry,
+        shape=tuple(int(s) for s in probabilities.shape),
+        dtype="",  # set by write_probabilities
+    )
+    write_probabilities(probabilities, info, output_file, dtype)
+
+
+def write_probabilities(
+    probabilities: np.ndarray,
+    info: ProbabilitiesInfo,
+    output_file: str | Path,
+    dtype: type[np.floating] = DEFAULT_PROBABILITIES_DTYPE,
+) -> None:
+    """``CASE.npz`` + ``CASE_probabilities.json`` beside ``output_file`` (``CASE<ending>``), atomically.
+
+    ``info``'s shape and dtype are replaced by those of the stored array.
+    """
     npz_file, json_file = probabilities_files(output_file)
     stored = probabilities.astype(dtype, copy=False)
 
@@ -145,17 +169,8 @@ def _save_probabilities(
             np.savez_compressed(f, probabilities=stored)  # the key is PROBABILITIES_KEY
 
     atomic.write_with(npz_file, _write, suffix=".npz")
-    info = ProbabilitiesInfo(
-        schema_version=ProbabilitiesInfo.SCHEMA_VERSION,
-        case_id=properties.case_id,
-        configuration=configuration.name,
-        labels=dict(plan.labels),
-        channel_label_values=label_values(plan),
-        geometry=properties.geometry,
-        shape=tuple(int(s) for s in stored.shape),
-        dtype=str(stored.dtype),
-    )
-    serialization.save(info, json_file)
+    shape = tuple(int(s) for s in stored.shape)
+    serialization.save(dataclasses.replace(info, shape=shape, dtype=str(stored.dtype)), json_file)
 
 
 def load_probabilities(npz_file: str | Path) -> tuple[np.ndarray, ProbabilitiesInfo]:
