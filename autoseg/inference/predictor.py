@@ -1,0 +1,249 @@
+"""Predicting new images with what ``best.json`` chose: all members, all folds, mirroring, postprocessing.
+
+``Predictor`` loads the models once and predicts one case in three stages, each timed (``timings``):
+
+1. preprocess (CPU): ``preprocess_case`` once per distinct plan configuration of the members;
+2. network (device): the sliding window of each member, its folds averaged inside each tile;
+3. export: softmax, resampling back, member averaging and argmax on the device (``restore_torch``),
+   then postprocessing and writing on the CPU.
+
+``predict_folder`` predicts a folder (``autoseg predict``), running the stages of consecutive cases side by
+side (``autoseg.inference.overlapped``). Outputs are ``CASE<file_ending>`` with the input's spacing, origin
+and direction, written atomically (a killed run leaves whole files only, so ``--continue`` can trust every
+file it finds).
+
+How the averages are taken: over a member's folds the logits are averaged, as nnU-Net's predictor does,
+so that a single model's prediction is exactly ``export_prediction`` of the fold-averaged logits (the path
+validation takes, whose one difference from nnU-Net's export export.py describes); over the members of an
+ensemble the class probabilities are averaged, as find-best scored its ensembles in cross-validation (and
+as nnU-Net's ``nnUNetv2_ensemble`` does). Averaging probabilities over folds as well would need one
+softmax'ed accumulator per fold instead of one sliding window for all of them (``FoldAverage``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autoseg.evaluation.best import BestChoice, load_best
+from autoseg.inference.export import DEFAULT_PROBABILITIES_DTYPE, label_values, probabilities_files
+from autoseg.inference.inputs import checked_input_cases
+from autoseg.inference.models import Member, load_members
+from autoseg.inference.restore_torch import MemberLogits, index_to_labels, restore_argmax
+from autoseg.io import Geometry
+from autoseg.preprocessing.case import PreprocessedCase, preprocess_case
+
+# Preprocessing without a label samples no class locations, so the seed only keeps the call deterministic.
+PREPROCESSING_SEED = 0
+# Network inputs per forward pass on a CPU: one. Batches only add memory traffic there (measured on 2 cores,
+# a 6-stage U-Net on four 128^3 tiles: 24.1 s one at a time, 27.5 s as one batch of 4). Other devices use
+# predict.py's default, which keeps a GPU busier.
+CPU_TILE_BATCH_SIZE = 1
+
+
+@dataclass(frozen=True)
+class CaseTiming:
+    """Seconds one case spent in each stage (measured where the stage ran, so stages of cases overlap)."""
+
+    case_id: str
+    preprocess_s: float  # reading the files and preprocess_case
+    network_s: float  # the sliding windows of every member and fold
+    export_s: float  # resampling back, argmax, postprocessing and writing
+
+    @property
+    def total_s(self) -> float:
+        return self.preprocess_s + self.network_s + self.export_s
+
+
+@dataclass
+class PreparedCase:
+    """A case read and preprocessed for every member (members with the same configuration share one)."""
+
+    case_id: str
+    geometry: Geometry
+    preprocessed: list[PreprocessedCase]  # one per member, in member order
+    preprocess_s: float
+
+
+class Predictor:
+    """The models of ``model_dir/best.json``, loaded once, predicting cases given as arrays.
+
+    ``device``: "cuda", "cpu", ... (default: CUDA when available, else Apple MPS, else CPU); on CUDA the
+    network runs under fp16 autocast and the sliding window accumulates in fp16, as validation does.
+    ``tile_batch_size``: network inputs per forward pass (mirrored copies included); default
+    ``CPU_TILE_BATCH_SIZE`` on a CPU, else predict.py's.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        folds: Sequence[int] | None = None,
+        use_mirroring: bool = True,
+        device: str | torch.device | None = None,
+        step_size: float = 0.5,
+        tile_batch_size: int | None = None,
+    ) -> None:
+        from autoseg.training.distributed import DistributedContext, choose_device
+
+        self.model_dir = Path(model_dir)
+        self.best: BestChoice = load_best(self.model_dir)
+        self.device = choose_device(str(device) if device is not None else None, DistributedContext())
+        if self.device.type == "cuda":
+            # Every forward pass has the patch's shape, so cuDNN's search for the fastest kernels pays off
+            # after the first tile (nnU-Net's predictor and autoseg's training loop switch it on too).
+            torch.backends.cudnn.benchmark = True
+        self.use_mirroring = use_mirroring
+        self.step_size = step_size
+        self.tile_batch_size = tile_batch_size or (CPU_TILE_BATCH_SIZE if self.device.type == "cpu" else None)
+        self.members: list[Member] = load_members(self.model_dir, self.best, self.device, folds)
+        self.label_values = label_values(self.members[0].plan)
+        self.foreground_labels = [v for v in self.label_values if v != 0]
+        self.timings: list[CaseTiming] = []
+
+    # -- the stages -----------------------------------------------------------------------------------------
+    def prepare(self, images: np.ndarray, geometry: Geometry, case_id: str) -> PreparedCase:
+        """Stage 1 (CPU, thread-safe): ``images`` (C, z, y, x) preprocessed once per distinct configuration."""
+        started = time.perf_counter()
+        if images.ndim != 4 or images.shape[0] != len(self.best.channel_names):
+            raise ValueError(
+                f"case {case_id}: images of shape {images.shape}; expected (C, z, y, x) with C ="
+                f" {len(self.best.channel_names)} ({', '.join(self.best.channel_names)})"
+            )
+        shared: dict[object, PreprocessedCase] = {}
+        preprocessed = []
+        for member in self.members:
+            key = (member.plan.transpose_forward, member.plan.foreground_intensity_per_channel, member.configuration)
+            if key not in shared:
+                shared[key] = preprocess_case(
+                    images, None, geometry, member.plan, member.configuration, case_id, PREPROCESSING_SEED
+                )
+            preprocessed.append(shared[key])
+        return PreparedCase(case_id, geometry, preprocessed, time.perf_counter() - started)
+
+    def predict_logits(self, case: PreparedCase) -> list[MemberLogits]:
+        """Stage 2 (device): each member's fold-averaged logits (K, *shape_after_resampling), on the device."""
+        from autoseg.inference.predict import predict_preprocessed_case
+
+        on_cuda = self.device.type == "cuda"
+        images: dict[int, torch.Tensor] = {}  # members that share a preprocessed case share its upload
+        result = []
+        for member, preprocessed in zip(self.members, case.preprocessed):
+            image = images.get(id(preprocessed))
+            if image is None:
+                # One upload of the whole image: tiles are then cut on the device, not copied one by one.
+                image = images[id(preprocessed)] = torch.from_numpy(preprocessed.image).to(self.device)
+            logits = predict_preprocessed_case(
+                member.network,
+                image,
+                member.configuration,
+                member.mirror_axes,
+                device=self.device,
+                step_size=self.step_size,
+                use_mirroring=self.use_mirroring,
+                num_classes=member.num_classes,
+                tile_batch_size=self.tile_batch_size,
+                use_amp=on_cuda,
+                # as validation: half the accumulator's memory, within 2e-2 of float32 (tests/test_inference.py)
+                accumulate_dtype=torch.float16 if on_cuda else None,
+            )
+            result.append(MemberLogits(logits, preprocessed.properties, member.plan, member.configuration))
+        return result
+
+    def restore(
+        self, logits: list[MemberLogits], keep_probabilities: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Stage 3a (device): the label map (z, y, x) in the input's grid, before postprocessing, and the
+        averaged probabilities (K, z, y, x) when asked. The logits are consumed (overwritten)."""
+        index, probabilities = restore_argmax(logits, keep_probabilities, DEFAULT_PROBABILITIES_DTYPE)
+        return index_to_labels(index.cpu().numpy(), self.label_values), probabilities
+
+    def postprocess(self, segmentation: np.ndarray) -> np.ndarray:
+        """Stage 3b (CPU): best.json's postprocessing rules (connected components)."""
+        rules = self.best.postprocessing
+        if rules.is_identity:
+            return segmentation
+        from autoseg.evaluation.postprocessing import apply_postprocessing
+
+        return apply_postprocessing(segmentation, rules, self.foreground_labels)
+
+    # -- one case, all stages -------------------------------------------------------------------------------
+    def predict_case(
+        self, images: np.ndarray, geometry: Geometry, case_id: str = "case", keep_probabilities: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The postprocessed label map (z, y, x) of ``images`` (C, z, y, x) with the input's ``geometry``, and
+        the class probabilities (K, z, y, x) if ``keep_probabilities``. Its timing goes to ``timings``."""
+        case = self.prepare(images, geometry, case_id)
+        started = time.perf_counter()
+        logits = self.predict_logits(case)
+        self.synchronize()
+        network_s = time.perf_counter() - started
+        started = time.perf_counter()
+        segmentation, probabilities = self.restore(logits, keep_probabilities)
+        segmentation = self.postprocess(segmentation)
+        self.timings.append(CaseTiming(case_id, case.preprocess_s, network_s, time.perf_counter() - started))
+        return segmentation, probabilities
+
+    def synchronize(self) -> None:
+        """Wait for the device, so that a stage's time is not booked to the next one."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @property
+    def configuration_names(self) -> str:
+        """The members' configurations, as probability files name what produced them."""
+        return "+".join(member.configuration.name for member in self.members)
+
+
+def predict_folder(
+    model_dir: Path,
+    input_dir: Path,
+    output_dir: Path,
+    *,
+    folds: Sequence[int] | None = None,
+    use_mirroring: bool = True,
+    save_probabilities: bool = False,
+    skip_existing: bool = False,
+    device: str | None = None,
+    step_size: float = 0.5,
+    num_workers: int | None = None,
+    show_progress: bool = True,
+) -> list[Path]:
+    """Predict every case of ``input_dir`` into ``output_dir``; returns the files written (skipped ones not).
+
+    ``model_dir``: results/<dataset> (holding best.json) or a model bundle (.zip). The input is checked
+    first (headers only) and every problem of every case is reported at once, before any model is loaded.
+    ``skip_existing``: cases whose output (and, with ``save_probabilities``, probability files) exist are
+    skipped. ``num_workers``: reader threads (default: by the cores, at most ``MAX_DEFAULT_READERS``).
+    """
+    model_dir, input_dir, output_dir = Path(model_dir), Path(input_dir), Path(output_dir)
+    if model_dir.is_file():  # a model bundle: validated and unpacked into a temporary folder first
+        from autoseg.bundle import opened_bundle
+
+        with opened_bundle(model_dir) as extracted:
+            return predict_folder(
+                extracted, input_dir, output_dir, folds=folds, use_mirroring=use_mirroring,
+                save_probabilities=save_probabilities, skip_existing=skip_existing, device=device,
+                step_size=step_size, num_workers=num_workers, show_progress=show_progress,
+            )  # fmt: skip
+    best = load_best(model_dir)
+    cases = checked_input_cases(input_dir, best.file_ending, best.channel_names)
+    outputs = [case.output_file(output_dir, best.file_ending) for case in cases]
+    todo = [(c, o) for c, o in zip(cases, outputs) if not (skip_existing and _already_written(o, save_probabilities))]
+    if not todo:
+        return []
+    predictor = Predictor(model_dir, folds=folds, use_mirroring=use_mirroring, device=device, step_size=step_size)
+    from autoseg.inference.overlapped import predict_cases
+
+    return predict_cases(predictor, todo, save_probabilities, num_workers, show_progress)
+
+
+def _already_written(output_file: Path, save_probabilities: bool) -> bool:
+    if not output_file.is_file():
+        return False
+    return not save_probabilities or all(p.is_file() for p in probabilities_files(output_file))
