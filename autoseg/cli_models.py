@@ -21,12 +21,13 @@ def _fmt(value: float | None) -> str:
 def print_best(best: Any) -> None:
     """The candidates' cross-validation Dice per label, the chosen model and its postprocessing."""
     names = {str(v): k for k, v in best.labels.items() if v != 0}
-    header = f"  {'candidate':<44} {'fg mean':>8} " + " ".join(f"{names[v][:12]:>12}" for v in names)
+    width = max([len("candidate"), *(len(c.name) for c in best.candidates)])
+    header = f"  {'candidate':<{width}} {'fg mean':>8} " + " ".join(f"{names[v][:12]:>12}" for v in names)
     print("cross-validation Dice (mean over cases):")
     print(header)
     for c in best.candidates:
         per_label = " ".join(f"{_fmt(c.dice_per_label.get(v)):>12}" for v in names)
-        print(f"  {c.name[:44]:<44} {_fmt(c.foreground_mean_dice):>8} {per_label}")
+        print(f"  {c.name:<{width}} {_fmt(c.foreground_mean_dice):>8} {per_label}")
     rules = best.postprocessing
     what = []
     if rules.largest_component_foreground:

@@ -124,7 +124,7 @@ def test_folds_side_by_side_in_subprocesses(trained: tuple[Path, Path, Path, str
 def test_presets_give_way_to_explicit_options() -> None:
     configurations, folds, options = resolve_preset("quick", None, None, TrainOptions(epochs=7))
     assert configurations == ("3d_fullres", "2d") and folds == (0,)
-    assert options.epochs == 7 and options.iterations_per_epoch == 40
+    assert options.epochs == 7 and options.iterations_per_epoch == 40  # the preset has 6 epochs
     configurations, folds, options = resolve_preset(None, ["2d"], [3], TrainOptions())
     assert configurations == ["2d"] and folds == (3,) and options.epochs is None
 
