@@ -136,3 +136,62 @@ def test_unknown_configuration_is_named(trained: tuple[Path, Path, Path, str], c
     assert code == 2
     err = capsys.readouterr().err
     assert "no configuration 3d_lowres" in err and "2d, 3d_fullres" in err
+
+
+def _input_folder(dataset: Path, target: Path, cases: tuple[str, ...] = ("case00", "case03")) -> Path:
+    """A test folder made of training images: the layout `autoseg predict -i` reads."""
+    import shutil
+
+    target.mkdir()
+    for case in cases:
+        shutil.copy(dataset / "imagesTr" / f"{case}_0000.nii.gz", target)
+    return target
+
+
+def test_the_model_commands_from_the_command_line(
+    trained: tuple[Path, Path, Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """find-best, predict (folder and bundle, --continue), ensemble, postprocess, export-model, import-model."""
+    from autoseg.io import read_image
+
+    dataset, pre, results, _ = trained
+    model = results / "Dataset020_Tiny"
+    common = ["--preprocessed", str(pre), "--results", str(results)]
+    assert main(["-q", "find-best", str(dataset), *common, "-c", *CONFIGS, "-f", "0", "1"]) == 0
+    assert "chosen:" in capsys.readouterr().out
+
+    images = _input_folder(dataset, tmp_path / "in")
+    out = tmp_path / "out"
+    assert main(["-q", "predict", "-i", str(images), "-o", str(out), "-m", str(model), "--device", "cpu"]) == 0
+    assert "2 case(s) written" in capsys.readouterr().out
+    for case in ("case00", "case03"):
+        segmentation, geometry = read_image(out / f"{case}.nii.gz")
+        _, input_geometry = read_image(images / f"{case}_0000.nii.gz")
+        assert geometry.matches(input_geometry, tolerance=1e-6) == [] and segmentation.shape == (16, 20, 18)
+    assert main(["-q", "predict", "-i", str(images), "-o", str(out), "-m", str(model), "--continue"]) == 0
+    assert "0 case(s) written" in capsys.readouterr().out
+
+    bundle = tmp_path / "model.zip"
+    assert main(["-q", "export-model", str(model), "-o", str(bundle)]) == 0
+    from_bundle = tmp_path / "out_bundle"
+    assert main(["-q", "predict", "-i", str(images), "-o", str(from_bundle), "-m", str(bundle), "--device", "cpu"]) == 0
+    for case in ("case00", "case03"):
+        a, _ = read_image(out / f"{case}.nii.gz")
+        b, _ = read_image(from_bundle / f"{case}.nii.gz")
+        assert (a == b).all(), case
+    assert main(["-q", "import-model", str(bundle), "--results", str(tmp_path / "imported")]) == 0
+    assert (tmp_path / "imported" / "Dataset020_Tiny" / "best.json").is_file()
+
+    validation = [model / f"default__default__{c}" / "fold_0" / "validation" for c in CONFIGS]
+    assert main(["-q", "ensemble", *map(str, validation), "-o", str(tmp_path / "ens")]) == 0
+    assert sorted(p.name for p in (tmp_path / "ens").glob("*.nii.gz")) == sorted(
+        p.name for p in validation[0].glob("*.nii.gz")
+    )
+    assert main(["-q", "postprocess", str(tmp_path / "ens"), "-o", str(tmp_path / "pp"), "-m", str(model)]) == 0
+    assert len(list((tmp_path / "pp").glob("*.nii.gz"))) == len(list((tmp_path / "ens").glob("*.nii.gz")))
+    capsys.readouterr()
+
+    (images / "case03_0000.nii.gz").rename(images / "case03_0001.nii.gz")  # channel 0 missing, an extra one
+    assert main(["-q", "predict", "-i", str(images), "-o", str(tmp_path / "bad"), "-m", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert "case03" in err and not (tmp_path / "bad").exists()
