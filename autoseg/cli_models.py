@@ -119,6 +119,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         Path(args.model), Path(args.input), Path(args.output), folds=args.folds, use_mirroring=not args.no_tta,
         save_probabilities=args.save_probabilities, skip_existing=args.continue_, device=args.device,
         step_size=args.step_size, num_workers=args.num_workers, show_progress=not args.quiet,
+        cpu_bf16=False if args.fp32 else None,
     )  # fmt: skip
     seconds = time.perf_counter() - started
     print(f"{len(written)} case(s) written to {args.output} in {seconds:.1f} s")
@@ -219,6 +220,10 @@ def add_model_commands(
     p.add_argument("--continue", dest="continue_", action="store_true", help="skip cases already in OUT_DIR")
     p.add_argument("--device", metavar="DEV", help="cuda, cuda:1 or cpu (default: CUDA if present)")
     p.add_argument("--step-size", type=float, default=0.5, help="tile step as a fraction of the patch (default 0.5)")
+    p.add_argument(
+        "--fp32", action="store_true",
+        help="on a CPU, predict in float32 (default: bf16 where the CPU has native bf16, about twice as fast)",
+    )  # fmt: skip
     common["workers"](p)
 
     p = command(

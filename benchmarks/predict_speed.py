@@ -248,7 +248,10 @@ def run_autoseg(
     from autoseg.inference.predictor import Predictor
 
     predictor = Predictor(model_dir, device=args.device, use_mirroring=not args.no_tta,
-                          tile_batch_size=args.tile_batch_size)  # fmt: skip
+                          tile_batch_size=args.tile_batch_size, cpu_bf16=False if args.fp32 else None)  # fmt: skip
+    if predictor.device.type == "cpu":
+        print(f"autoseg's network on the CPU in {'bf16 (autocast)' if predictor.cpu_bf16 else 'float32'};"
+              " nnU-Net's in float32")  # fmt: skip
     cases = [(InputCase(f.name[: -len("_0000.nii.gz")], (f,)), out / f.name.replace("_0000", "")) for f in files]
     predict_cases(predictor, cases[:1], show_progress=False)  # warm-up (not timed)
     stages = []
@@ -320,6 +323,11 @@ def main() -> None:
     parser.add_argument("--nnunet-processes", type=int, default=3,
                         help="nnU-Net's predict_from_files -npp/-nps (default 3, its CLI default)")  # fmt: skip
     parser.add_argument("--skip-nnunet", action="store_true", help="autoseg only")
+    parser.add_argument(
+        "--fp32",
+        action="store_true",
+        help="autoseg in float32 on a CPU too (default: bf16 where the CPU has native bf16)",
+    )
     parser.add_argument("--skip-nnunet-files", action="store_true", help="skip nnU-Net's predict_from_files run")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -26,13 +26,15 @@ def predict_preprocessed_case(
     use_amp: bool = True,
     accumulate_dtype: torch.dtype | None = None,
     progress: bool = False,
+    cpu_bf16: bool = False,
 ) -> torch.Tensor:
     """Logits (num_classes, *shape) of a preprocessed image (C, *shape), float32 on ``device``.
 
     ``sliding_window_predict`` with the configuration's patch size (a 2D configuration predicts slice by
     slice). ``mirror_axes`` are the network's spatial axes used for mirroring (the trainer's choice);
     ``use_mirroring=False`` switches mirroring off. ``device`` is where the logits are accumulated (in
-    ``accumulate_dtype``); the network runs where its parameters are, with autocast on CUDA when ``use_amp``.
+    ``accumulate_dtype``); the network runs where its parameters are, with autocast on CUDA when ``use_amp``
+    and in bf16 on a CPU when ``cpu_bf16``.
     """
     return sliding_window_predict(
         network,
@@ -46,4 +48,5 @@ def predict_preprocessed_case(
         accumulate_dtype=accumulate_dtype,
         progress=progress,
         use_amp=use_amp,
+        cpu_bf16=cpu_bf16,
     )

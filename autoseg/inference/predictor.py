@@ -76,7 +76,8 @@ class Predictor:
     ``device``: "cuda", "cpu", ... (default: CUDA when available, else Apple MPS, else CPU); on CUDA the
     network runs under fp16 autocast and the sliding window accumulates in fp16, as validation does.
     ``tile_batch_size``: network inputs per forward pass (mirrored copies included); default
-    ``CPU_TILE_BATCH_SIZE`` on a CPU, else predict.py's.
+    ``CPU_TILE_BATCH_SIZE`` on a CPU, else predict.py's. ``cpu_bf16``: on a CPU, bf16 autocast (default:
+    where the CPU has native bf16 instructions, see ``autoseg.inference.precision``).
     """
 
     def __init__(
@@ -88,7 +89,9 @@ class Predictor:
         device: str | torch.device | None = None,
         step_size: float = 0.5,
         tile_batch_size: int | None = None,
+        cpu_bf16: bool | None = None,
     ) -> None:
+        from autoseg.inference.precision import cpu_has_native_bf16
         from autoseg.training.distributed import DistributedContext, choose_device
 
         self.model_dir = Path(model_dir)
@@ -100,6 +103,7 @@ class Predictor:
             torch.backends.cudnn.benchmark = True
         self.use_mirroring = use_mirroring
         self.step_size = step_size
+        self.cpu_bf16 = cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16
         self.tile_batch_size = tile_batch_size or (CPU_TILE_BATCH_SIZE if self.device.type == "cpu" else None)
         self.members: list[Member] = load_members(self.model_dir, self.best, self.device, folds)
         self.label_values = label_values(self.members[0].plan)
@@ -149,6 +153,7 @@ class Predictor:
                 num_classes=member.num_classes,
                 tile_batch_size=self.tile_batch_size,
                 use_amp=on_cuda,
+                cpu_bf16=self.cpu_bf16,
                 # as validation: half the accumulator's memory, within 2e-2 of float32 (tests/test_inference.py)
                 accumulate_dtype=torch.float16 if on_cuda else None,
             )
@@ -213,6 +218,7 @@ def predict_folder(
     step_size: float = 0.5,
     num_workers: int | None = None,
     show_progress: bool = True,
+    cpu_bf16: bool | None = None,
 ) -> list[Path]:
     """Predict every case of ``input_dir`` into ``output_dir``; returns the files written (skipped ones not).
 
@@ -229,7 +235,7 @@ def predict_folder(
             return predict_folder(
                 extracted, input_dir, output_dir, folds=folds, use_mirroring=use_mirroring,
                 save_probabilities=save_probabilities, skip_existing=skip_existing, device=device,
-                step_size=step_size, num_workers=num_workers, show_progress=show_progress,
+                step_size=step_size, num_workers=num_workers, show_progress=show_progress, cpu_bf16=cpu_bf16,
             )  # fmt: skip
     best = load_best(model_dir)
     cases = checked_input_cases(input_dir, best.file_ending, best.channel_names)
@@ -237,7 +243,9 @@ def predict_folder(
     todo = [(c, o) for c, o in zip(cases, outputs) if not (skip_existing and _already_written(o, save_probabilities))]
     if not todo:
         return []
-    predictor = Predictor(model_dir, folds=folds, use_mirroring=use_mirroring, device=device, step_size=step_size)
+    predictor = Predictor(
+        model_dir, folds=folds, use_mirroring=use_mirroring, device=device, step_size=step_size, cpu_bf16=cpu_bf16
+    )
     from autoseg.inference.overlapped import predict_cases
 
     return predict_cases(predictor, todo, save_probabilities, num_workers, show_progress)

@@ -167,7 +167,7 @@ class _Forward:
     flips: list[tuple[int, ...]]
     tile_batch_size: int
     device: torch.device
-    use_amp: bool
+    use_amp: bool  # autocast: fp16 on CUDA, bf16 on a CPU
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         # Only the forward pass runs in inference mode: its outputs are consumed right here, while the
@@ -222,6 +222,7 @@ def sliding_window_predict(
     accumulate_dtype: torch.dtype | None = None,
     progress: bool = False,
     use_amp: bool = True,
+    cpu_bf16: bool = False,
 ) -> torch.Tensor:
     """Logits (num_classes, *spatial) as float32 for ``image`` (C, *spatial), predicted tile by tile.
 
@@ -231,7 +232,8 @@ def sliding_window_predict(
       Every subset of them is one more pass (2**n in all, the identity included), flipped back and averaged.
     - ``tile_batch_size``: network inputs per forward pass, mirrored copies included.
     - The network runs where its parameters are, in eval mode (its mode is restored afterwards) under
-      ``torch.inference_mode``, with autocast on CUDA when ``use_amp``. Tiles move there one batch at a
+      ``torch.inference_mode``, with autocast on CUDA when ``use_amp`` (and bf16 autocast on a CPU when
+      ``cpu_bf16``: see ``autoseg.inference.precision``). Tiles move there one batch at a
       time, so ``image`` may stay on the CPU. The result is an ordinary tensor (not an inference tensor).
     - ``device``: where the logits are accumulated and returned (default: the network's device);
       ``accumulate_dtype``: float32 by default; ``torch.float16`` halves the accumulator on a GPU (the
@@ -251,7 +253,7 @@ def sliding_window_predict(
         flips=_mirror_flips(mirror_axes, len(layout.patch_size)),
         tile_batch_size=tile_batch_size,
         device=compute_device,
-        use_amp=use_amp and compute_device.type == "cuda",
+        use_amp=(use_amp and compute_device.type == "cuda") or (cpu_bf16 and compute_device.type == "cpu"),
     )
     target_device = torch.device(device) if device is not None else compute_device
     was_training = network.training
