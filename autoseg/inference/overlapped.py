@@ -71,14 +71,7 @@ def predict_cases(
             for _case, output_file in cases:
                 prepared = reads.popleft().result()
                 read_ahead()  # the next case is read while this one is on the device
-                started = time.perf_counter()
-                logits = predictor.predict_logits(prepared)
-                predictor.synchronize()
-                network_s = time.perf_counter() - started
-                started = time.perf_counter()
-                segmentation, probabilities = predictor.restore(logits, save_probabilities)
-                timing = CaseTiming(prepared.case_id, prepared.preprocess_s, network_s, time.perf_counter() - started)
-                del logits
+                segmentation, probabilities, timing = predictor.predict_prepared(prepared, save_probabilities)
                 while len(writes) >= MAX_PENDING_WRITES:
                     finish_oldest_write()
                 future = write_pool.submit(

@@ -22,6 +22,7 @@ softmax'ed accumulator per fold instead of one sliding window for all of them (`
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -185,14 +186,26 @@ class Predictor:
         the class probabilities (K, z, y, x) if ``keep_probabilities``. Its timing goes to ``timings``."""
         case = self.prepare(images, geometry, case_id)
         started = time.perf_counter()
+        segmentation, probabilities, timing = self.predict_prepared(case, keep_probabilities)
+        segmentation = self.postprocess(segmentation)
+        self.timings.append(dataclasses.replace(timing, export_s=time.perf_counter() - started - timing.network_s))
+        return segmentation, probabilities
+
+    def predict_prepared(
+        self, case: PreparedCase, keep_probabilities: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None, CaseTiming]:
+        """Stages 2 and 3 up to the label map (not postprocessed), with their times (``export_s``: restore)."""
+        started = time.perf_counter()
         logits = self.predict_logits(case)
         self.synchronize()
         network_s = time.perf_counter() - started
         started = time.perf_counter()
         segmentation, probabilities = self.restore(logits, keep_probabilities)
-        segmentation = self.postprocess(segmentation)
-        self.timings.append(CaseTiming(case_id, case.preprocess_s, network_s, time.perf_counter() - started))
-        return segmentation, probabilities
+        return (
+            segmentation,
+            probabilities,
+            CaseTiming(case.case_id, case.preprocess_s, network_s, time.perf_counter() - started),
+        )
 
     def synchronize(self) -> None:
         """Wait for the device, so that a stage's time is not booked to the next one."""

@@ -301,6 +301,7 @@ class Run:
             self._train()
 
     def _train(self) -> None:
+        _import_modules_used_later()
         train_ids, val_ids = self._folds()
         prepare_output(self)
         write_model_files(self)
@@ -359,6 +360,23 @@ class Run:
             summary = predict_and_evaluate(self, ids)
         self.dist.barrier()
         return summary
+
+
+def _import_modules_used_later() -> None:
+    """Import now what the loop imports on first use (the progress plot, whole-case validation).
+
+    SIGTERM raises KeyboardInterrupt wherever the main thread is. Inside the first import of a C extension
+    (matplotlib's, on the first progress plot) the extension's initialisation turns it into "ImportError:
+    initialization failed", and the interrupt became a crash without a checkpoint (seen in CI).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    import autoseg.evaluation.evaluate
+    import autoseg.inference.export
+    import autoseg.training.validation  # noqa: F401
 
 
 def fit(trainer: Trainer) -> Path:
