@@ -71,27 +71,36 @@ def _add_results(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", metavar="DIR", help="root folder for trained models (default: $AUTOSEG_RESULTS)")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from autoseg.pipeline import train
+def train_options(args: argparse.Namespace) -> Any:
+    """TrainOptions from the training flags a command has (``train``, ``plan-and-train``); absent ones default."""
     from autoseg.training.trainer import TrainOptions
 
-    options = TrainOptions(
-        epochs=args.epochs,
-        iterations_per_epoch=args.iterations_per_epoch,
-        val_iterations=args.val_iterations,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        seed=args.seed,
-        device=args.device,
-        compile=args.compile,
-        fast_dev_run=args.fast_dev_run,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        save_probabilities=args.save_probabilities,
-        validation_mirroring=not args.no_tta,
+    def flag(name: str, default: Any = None) -> Any:
+        return getattr(args, name, default)
+
+    return TrainOptions(
+        epochs=flag("epochs"),
+        iterations_per_epoch=flag("iterations_per_epoch"),
+        val_iterations=flag("val_iterations"),
+        lr=flag("lr"),
+        batch_size=flag("batch_size"),
+        num_workers=flag("num_workers"),
+        seed=flag("seed", 0),
+        device=flag("device"),
+        compile=flag("compile", False),
+        fast_dev_run=flag("fast_dev_run", False),
+        resume=flag("resume", False),
+        overwrite=flag("overwrite", False),
+        save_probabilities=flag("save_probabilities", False),
+        validation_mirroring=not flag("no_tta", False),
         show_progress=not args.quiet,
     )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from autoseg.pipeline import train
+
+    options = train_options(args)
     started = time.perf_counter()
     folder = train(args.dataset, _paths(args), args.configuration, args.fold, args.trainer, args.planner, options)
     summary = folder / "validation" / "summary.json"

@@ -54,22 +54,11 @@ def _predict_command(results_dir: Path, test_images: Path | None) -> str:
 
 
 def cmd_plan_and_train(args: argparse.Namespace) -> int:
-    from autoseg.cli import _paths
+    from autoseg.cli import _paths, train_options
     from autoseg.errors import AutosegError
     from autoseg.plan_and_train import plan_and_train, resolve_preset
-    from autoseg.training.trainer import TrainOptions
 
-    options = TrainOptions(
-        epochs=args.epochs,
-        iterations_per_epoch=args.iterations_per_epoch,
-        val_iterations=args.val_iterations,
-        num_workers=args.num_workers,
-        seed=args.seed,
-        device=args.device,
-        compile=args.compile,
-        fast_dev_run=args.fast_dev_run,
-        show_progress=not args.quiet,
-    )
+    options = train_options(args)
     configurations, folds, options = resolve_preset(args.preset, args.configurations, args.folds, options)
     devices = None
     if args.gpus:
