@@ -339,6 +339,7 @@ class Run:
         for epoch in range(pos.epoch, self.trainer.num_epochs):
             started = time.perf_counter()
             lr = self._set_lr(epoch)
+            self.trainer.on_epoch_start(epoch)
             train_loss = self.train_epoch(epoch, train_loader)
             val_loss, dice = self.validate_epoch(epoch, val_loader)
             record = self.end_epoch(epoch, train_loss, val_loss, dice, lr, time.perf_counter() - started)

@@ -153,6 +153,10 @@ class Trainer:
         """The augmentation settings; a variant returns changed parameters (``dataclasses.replace``)."""
         return self.augmentation
 
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before every epoch on every rank (also the first one after a resume): set what depends on
+        the epoch only (a loss weight ramp, a frozen encoder), so a resumed run equals an uninterrupted one."""
+
     def on_epoch_end(self, record: EpochRecord) -> str | None:
         """Called after every epoch on every rank; return a reason to stop training early, else None."""
         return None
