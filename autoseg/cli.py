@@ -71,6 +71,17 @@ def _add_results(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", metavar="DIR", help="root folder for trained models (default: $AUTOSEG_RESULTS)")
 
 
+def _add_early_stopping(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--early-stopping-patience", type=int, metavar="N",
+        help="stop when the moving-average pseudo Dice has not improved for N epochs (default: off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--early-stopping-min-epochs", type=int, metavar="N",
+        help="train at least N epochs before early stopping may stop (default: the trainer's, 50)",
+    )  # fmt: skip
+
+
 def train_options(args: argparse.Namespace) -> Any:
     """TrainOptions from the training flags a command has (``train``, ``plan-and-train``); absent ones default."""
     from autoseg.training.trainer import TrainOptions
@@ -94,6 +105,8 @@ def train_options(args: argparse.Namespace) -> Any:
         save_probabilities=flag("save_probabilities", False),
         validation_mirroring=not flag("no_tta", False),
         show_progress=not args.quiet,
+        early_stopping_patience=flag("early_stopping_patience"),
+        early_stopping_min_epochs=flag("early_stopping_min_epochs"),
     )
 
 
@@ -400,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-probabilities", action="store_true", help="also save validation class probabilities")
     p.add_argument("--no-tta", action="store_true", help="validate without mirror test-time augmentation")
     p.add_argument("--fast-dev-run", action="store_true", help="2 epochs of 2 iterations, 2 validation cases")
+    _add_early_stopping(p)
 
     p = _command(
         sub,
@@ -425,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
         "planner": _add_planner,
         "gpu_memory": _add_gpu_memory,
         "workers": _add_workers,
+        "early_stopping": _add_early_stopping,
     }
     add_model_commands(sub, _command, common)
 

@@ -181,6 +181,7 @@ def add_model_commands(
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and sampling (default: 0)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA; slow first step)")
     p.add_argument("--fast-dev-run", action="store_true", help="2 epochs of 2 iterations per fold: checks the set-up")
+    common["early_stopping"](p)
     common["workers"](p)
 
     p = command(

@@ -88,7 +88,8 @@ def _train_argv(
              "--seed", str(options.seed)]  # fmt: skip
     numeric = {"--epochs": options.epochs, "--iterations-per-epoch": options.iterations_per_epoch,
                "--val-iterations": options.val_iterations, "--lr": options.lr, "--batch-size": options.batch_size,
-               "--num-workers": options.num_workers}  # fmt: skip
+               "--num-workers": options.num_workers, "--early-stopping-patience": options.early_stopping_patience,
+               "--early-stopping-min-epochs": options.early_stopping_min_epochs}  # fmt: skip
     for flag, value in numeric.items():
         if value is not None:
             argv += [flag, str(value)]

@@ -336,6 +336,10 @@ class Run:
 
     def _epochs(self, train_loader: Any, val_loader: Any) -> None:
         pos = self.position
+        reason = self.trainer.early_stopping_reason(pos.records) if pos.iteration == 0 else None
+        if reason:  # resumed after its stopping rule was met (an early-stopped run, or a newly given patience)
+            pos.stop_reason = reason
+            return
         for epoch in range(pos.epoch, self.trainer.num_epochs):
             started = time.perf_counter()
             lr = self._set_lr(epoch)
@@ -343,7 +347,7 @@ class Run:
             train_loss = self.train_epoch(epoch, train_loader)
             val_loss, dice = self.validate_epoch(epoch, val_loader)
             record = self.end_epoch(epoch, train_loss, val_loss, dice, lr, time.perf_counter() - started)
-            reason = self.trainer.on_epoch_end(record)
+            reason = self.trainer.on_epoch_end(record) or self.trainer.early_stopping_reason(pos.records)
             if (epoch + 1) % self.trainer.checkpoint_every == 0 or self.options.fast_dev_run:
                 save(self, "checkpoint_latest.pt")
             if reason:

@@ -87,6 +87,8 @@ def write_run_json(run: Run, status: str, train_ids: list[str], val_ids: list[st
         "splits_file": str(run.setup.splits_file),
         "train_cases": train_ids,
         "val_cases": val_ids,
+        "early_stopping_patience": t.stopping_patience,
+        "early_stopping_min_epochs": t.stopping_min_epochs,
         "epochs_done": run.position.epoch,
         "stop_reason": run.position.stop_reason,
         "torch_version": torch.__version__,

@@ -13,7 +13,7 @@ How the recipe is executed (devices, mixed precision, DDP, checkpoints, logs) li
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from autoseg.augment.params import AugmentationParams
+from autoseg.errors import AutosegError
 from autoseg.plan import Configuration, Plan
 from autoseg.registry import Registry
 from autoseg.training.progress import EpochRecord
@@ -65,6 +66,20 @@ class TrainOptions:
     save_probabilities: bool = False
     validation_mirroring: bool = True
     show_progress: bool = True
+    early_stopping_patience: int | None = None
+    early_stopping_min_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise AutosegError(
+                f"early_stopping_patience (--early-stopping-patience) must be at least 1 epoch, got"
+                f" {self.early_stopping_patience}; leave it out to train the whole budget"
+            )
+        if self.early_stopping_min_epochs is not None and self.early_stopping_min_epochs < 0:
+            raise AutosegError(
+                f"early_stopping_min_epochs (--early-stopping-min-epochs) must be 0 or more, got"
+                f" {self.early_stopping_min_epochs}"
+            )
 
 
 class Trainer:
@@ -88,6 +103,11 @@ class Trainer:
     # modern GPU and a checkpoint ~0.5 s, so 5 bounds the work lost to a kill at a minute or two.
     checkpoint_every: ClassVar[int] = 5
     deep_supervision: ClassVar[bool] = True
+    # Early stopping on the pseudo Dice's moving average: off (None) unless a variant or
+    # --early-stopping-patience sets it. The minimum is 5 time constants of the 0.9 moving average
+    # (0.9^50 < 0.6 %), so the noisy first epochs cannot stop a run.
+    early_stopping_patience: ClassVar[int | None] = None
+    early_stopping_min_epochs: ClassVar[int] = 50
     augmentation: ClassVar[AugmentationParams] = AugmentationParams()
 
     def __init__(self, setup: TrainingSetup, options: TrainOptions | None = None) -> None:
@@ -114,6 +134,16 @@ class Trainer:
     @property
     def batch_size(self) -> int:
         return self.options.batch_size or self.setup.configuration.batch_size
+
+    @property
+    def stopping_patience(self) -> int | None:
+        patience = self.options.early_stopping_patience
+        return patience if patience is not None else self.early_stopping_patience
+
+    @property
+    def stopping_min_epochs(self) -> int:
+        minimum = self.options.early_stopping_min_epochs
+        return minimum if minimum is not None else self.early_stopping_min_epochs
 
     @property
     def num_classes(self) -> int:
@@ -161,11 +191,42 @@ class Trainer:
         """Called after every epoch on every rank; return a reason to stop training early, else None."""
         return None
 
+    def early_stopping_reason(self, records: Sequence[EpochRecord]) -> str | None:
+        """Why to stop after ``records`` (every epoch so far, restored on resume), or None to go on."""
+        patience = self.stopping_patience
+        if patience is None:
+            return None
+        return early_stopping_reason(records, patience, self.stopping_min_epochs)
+
     def fit(self) -> Path:
         """Train, validate on the fold's whole held-out cases, and return the fold's output folder."""
         from autoseg.training.loop import fit
 
         return fit(self)
+
+
+def early_stopping_reason(records: Sequence[EpochRecord], patience: int, min_epochs: int) -> str | None:
+    """A reason when the moving-average pseudo Dice has not improved for ``patience`` epochs and at least
+    ``min_epochs`` epochs have run; else None. Improving means exceeding every earlier value, as for
+    checkpoint_best. A pure function of the records, so a resumed run stops exactly where a straight one does.
+    """
+    if not records or len(records) < min_epochs:
+        return None
+    best: float | None = None
+    best_epoch = -1
+    for record in records:
+        value = record.ema_pseudo_dice
+        if value is not None and (best is None or value > best):
+            best, best_epoch = value, record.epoch
+    if best is None:  # no pseudo Dice yet (no foreground seen): nothing to judge
+        return None
+    stale = records[-1].epoch - best_epoch
+    if stale < patience:
+        return None
+    return (
+        f"early stopping: moving-average pseudo Dice did not improve for {stale} epoch{'s' if stale != 1 else ''}"
+        f" (best {best:.4f} at epoch {best_epoch})"
+    )
 
 
 TRAINERS: Registry[type[Trainer]] = Registry("trainer")
