@@ -30,6 +30,18 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return dist_nn.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
 
 
+def one_hot_and_valid(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-hot target (zero at ignored voxels) shaped like ``logits``, and the (B, 1, *spatial) mask
+    of voxels that are not ignored; float32, no gradient."""
+    with torch.no_grad():
+        valid = (target != IGNORE_LABEL).unsqueeze(1).to(torch.float32)
+        labels = torch.where(target == IGNORE_LABEL, 0, target).long().unsqueeze(1)
+        one_hot = torch.zeros(logits.shape, device=logits.device, dtype=torch.float32)
+        one_hot.scatter_(1, labels, 1)
+        one_hot *= valid
+    return one_hot, valid
+
+
 class SoftDiceLoss(nn.Module):
     """Minus the mean soft Dice of the softmax over the (foreground) classes; nnU-Net's MemoryEfficientSoftDiceLoss.
 
@@ -49,13 +61,9 @@ class SoftDiceLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         probabilities = torch.softmax(logits, 1)
         axes = tuple(range(2, logits.ndim))
+        # the one-hot target is zero at ignored voxels, which masks them out of sum_gt and the intersection
+        one_hot, valid = one_hot_and_valid(logits, target)
         with torch.no_grad():
-            valid = (target != IGNORE_LABEL).unsqueeze(1).to(torch.float32)
-            labels = torch.where(target == IGNORE_LABEL, 0, target).long().unsqueeze(1)
-            # the one-hot target is zero at ignored voxels, which masks them out of sum_gt and the intersection
-            one_hot = torch.zeros(logits.shape, device=logits.device, dtype=torch.float32)
-            one_hot.scatter_(1, labels, 1)
-            one_hot *= valid
             if not self.include_background:
                 one_hot = one_hot[:, 1:]
             sum_gt = one_hot.sum(axes, dtype=torch.float32)

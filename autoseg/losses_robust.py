@@ -15,19 +15,7 @@ from scipy import ndimage
 from torch import nn
 
 from autoseg.errors import AutosegError
-from autoseg.losses import IGNORE_LABEL, DiceCELoss, SoftDiceLoss, _all_reduce_sum, _distributed
-
-
-def _one_hot_and_valid(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The one-hot target (zero at ignored voxels) shaped like ``logits``, and the (B, 1, *spatial) mask
-    of voxels that are not ignored; float32, no gradient."""
-    with torch.no_grad():
-        valid = (target != IGNORE_LABEL).unsqueeze(1).to(torch.float32)
-        labels = torch.where(target == IGNORE_LABEL, 0, target).long().unsqueeze(1)
-        one_hot = torch.zeros(logits.shape, device=logits.device, dtype=torch.float32)
-        one_hot.scatter_(1, labels, 1)
-        one_hot *= valid
-    return one_hot, valid
+from autoseg.losses import IGNORE_LABEL, DiceCELoss, SoftDiceLoss, _all_reduce_sum, _distributed, one_hot_and_valid
 
 
 def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
@@ -71,7 +59,7 @@ class SoftTverskyLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         probabilities = torch.softmax(_at_least_float32(logits), 1)
-        one_hot, valid = _one_hot_and_valid(logits, target)
+        one_hot, valid = one_hot_and_valid(logits, target)
         if not self.include_background:
             probabilities, one_hot = probabilities[:, 1:], one_hot[:, 1:]
         axes = tuple(range(2, logits.ndim))

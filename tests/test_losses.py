@@ -234,6 +234,9 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         loss.backward()
         assert local.grad is not None
         torch.save({"loss": loss.detach(), "grad": local.grad}, Path(out_dir) / f"rank{rank}.pt")
+        # Both ranks leave together: a rank that tore gloo down while the other still had its all-reduce in
+        # flight aborted now and then ("terminate called without an active exception", SIGABRT).
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
