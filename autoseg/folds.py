@@ -22,6 +22,7 @@ from typing import Literal
 
 from autoseg import atomic
 from autoseg.errors import TrainingInterrupted
+from autoseg.evaluation.best import RUN_FILE
 from autoseg.paths import Paths
 from autoseg.training.trainer import TrainOptions
 
@@ -48,7 +49,7 @@ class FoldOutcome:
 
 def fold_state(folder: Path, epochs: int) -> FoldState:
     """``finished``: run.json says so for at least ``epochs`` epochs and the validation was scored."""
-    run_file = folder / "run.json"
+    run_file = folder / RUN_FILE
     if run_file.is_file():
         try:
             run = json.loads(run_file.read_text(encoding="utf-8"))

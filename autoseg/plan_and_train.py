@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from autoseg.errors import AutosegError
+from autoseg.evaluation.best import BestChoice
 from autoseg.folds import FoldJob, FoldOutcome, run_fold_jobs
 from autoseg.paths import Paths
 from autoseg.presets import ALL_FOLDS, PRESETS
@@ -26,7 +27,7 @@ class PlanAndTrainResult:
     results_dir: Path  # results/<dataset>
     stage_seconds: dict[str, float] = field(default_factory=dict)
     outcomes: list[FoldOutcome] = field(default_factory=list)
-    best: object | None = None  # autoseg.evaluation.best.BestChoice when find-best ran
+    best: BestChoice | None = None  # when find-best ran
     test_images: Path | None = None  # the dataset's imagesTs, when it has one
 
     @property

@@ -21,7 +21,6 @@ from autoseg.bundle.format import (
     FORMAT,
     MANIFEST_FILE,
     REPORT_FILES,
-    RUN_FILE,
     STORED_SUFFIXES,
     ZIP64_FROM_BYTES,
     BundleFile,
@@ -29,10 +28,9 @@ from autoseg.bundle.format import (
     _check_weights_belong,
 )
 from autoseg.errors import AutosegError
-from autoseg.evaluation.best import BEST_FILE, BestChoice, ModelRef, load_best
+from autoseg.evaluation.best import BEST_FILE, DATASET_FILE, PLAN_FILE, RUN_FILE, BestChoice, ModelRef, load_best
 from autoseg.inference.weights import SAFETENSORS_FILE, load_fold_weights, save_safetensors
 from autoseg.plan import Plan
-from autoseg.training.record import DATASET_FILE, PLAN_FILE
 
 
 def export_bundle(

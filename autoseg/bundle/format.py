@@ -11,7 +11,6 @@ from autoseg.evaluation.best import ModelRef
 
 FORMAT = "autoseg-bundle"
 MANIFEST_FILE = "manifest.json"
-RUN_FILE = "run.json"
 REPORT_FILES = ("report.md", "report/*.png")  # find-best's report, shipped so the receiver sees the scores
 ALLOWED_SUFFIXES = (".json", ".safetensors", ".md", ".png", ".txt")
 TEXT_SUFFIXES = (".json", ".md", ".txt")  # read into memory and checked before anything is written

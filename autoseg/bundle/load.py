@@ -26,17 +26,15 @@ from autoseg.bundle.format import (
     PICKLE_SUFFIXES,
     PNG_SIGNATURE,
     REFUSED,
-    RUN_FILE,
     TEXT_SUFFIXES,
     BundleFile,
     Manifest,
     _check_weights_belong,
 )
 from autoseg.errors import AutosegError
-from autoseg.evaluation.best import BEST_FILE, BestChoice, ModelRef
+from autoseg.evaluation.best import BEST_FILE, DATASET_FILE, PLAN_FILE, RUN_FILE, BestChoice, ModelRef
 from autoseg.inference.weights import SAFETENSORS_FILE, load_safetensors
 from autoseg.plan import Plan
-from autoseg.training.record import DATASET_FILE, PLAN_FILE
 
 
 def import_bundle(bundle: str | Path, results_root: str | Path, overwrite: bool = False) -> Path:

@@ -24,6 +24,10 @@ from autoseg import serialization
 from autoseg.errors import AutosegError
 
 BEST_FILE = "best.json"
+# Files of the results layout above, named once for training (which writes them), find-best, predict and bundles.
+PLAN_FILE = "plan.json"
+DATASET_FILE = "dataset.json"
+RUN_FILE = "run.json"
 SEPARATOR = "__"
 
 

@@ -11,11 +11,10 @@ from typing import Any
 
 from autoseg.data.splits import Split, validate_splits
 from autoseg.errors import AutosegError
-from autoseg.evaluation.best import ModelRef
+from autoseg.evaluation.best import RUN_FILE, ModelRef
 from autoseg.inference.export import probabilities_files
 
 Members = tuple[ModelRef, ...]
-RUN_FILE = "run.json"
 FINISHED = "finished"
 FOLD_PREFIX = "fold_"
 VALIDATION_DIR = "validation"

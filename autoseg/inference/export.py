@@ -123,9 +123,13 @@ def _as_numpy(logits: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def labels_from_probabilities(probabilities: np.ndarray, values: Sequence[int]) -> np.ndarray:
-    index = probabilities.argmax(axis=0)
+    return labels_from_index(probabilities.argmax(axis=0), values)
+
+
+def labels_from_index(index: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """Class indices -> label values (channel k is the k-th smallest label value, see ``label_values``)."""
     if tuple(values) == tuple(range(len(values))):
-        return index.astype(np.uint8 if len(values) <= 256 else np.int16)
+        return index.astype(np.uint8 if len(values) <= 256 else np.int16, copy=False)
     return np.asarray(values, dtype=np.int64)[index]
 
 

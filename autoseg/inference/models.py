@@ -19,10 +19,8 @@ from torch import nn
 
 from autoseg import serialization
 from autoseg.errors import AutosegError
-from autoseg.evaluation.best import BestChoice, ModelRef
+from autoseg.evaluation.best import PLAN_FILE, BestChoice, ModelRef
 from autoseg.plan import Configuration, Plan
-
-PLAN_FILE = "plan.json"  # written beside the folds by autoseg.training.record
 
 
 class FoldAverage(nn.Module):

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from autoseg.evaluation.best import BestChoice, load_best
-from autoseg.inference.export import DEFAULT_PROBABILITIES_DTYPE, label_values, probabilities_files
+from autoseg.inference.export import DEFAULT_PROBABILITIES_DTYPE, label_values, labels_from_index, probabilities_files
 from autoseg.inference.inputs import checked_input_cases
 from autoseg.inference.models import Member, load_members
-from autoseg.inference.restore_torch import MemberLogits, index_to_labels, restore_argmax
+from autoseg.inference.restore_torch import MemberLogits, restore_argmax
 from autoseg.io import Geometry
 from autoseg.preprocessing.case import PreprocessedCase, preprocess_case
 
@@ -167,7 +167,7 @@ class Predictor:
         """Stage 3a (device): the label map (z, y, x) in the input's grid, before postprocessing, and the
         averaged probabilities (K, z, y, x) when asked. The logits are consumed (overwritten)."""
         index, probabilities = restore_argmax(logits, keep_probabilities, DEFAULT_PROBABILITIES_DTYPE)
-        return index_to_labels(index.cpu().numpy(), self.label_values), probabilities
+        return labels_from_index(index.cpu().numpy(), self.label_values), probabilities
 
     def postprocess(self, segmentation: np.ndarray) -> np.ndarray:
         """Stage 3b (CPU): best.json's postprocessing rules (connected components)."""

@@ -128,10 +128,3 @@ def _class_probability(
     if len(prepared) > 1:
         total /= len(prepared)
     return total
-
-
-def index_to_labels(index: np.ndarray, values: Sequence[int]) -> np.ndarray:
-    """Class indices -> label values (the k-th smallest label value for channel k), as ``export`` maps them."""
-    if tuple(values) == tuple(range(len(values))):
-        return index.astype(np.uint8 if len(values) <= 256 else np.int16, copy=False)
-    return np.asarray(values, dtype=np.int64)[index]

@@ -10,13 +10,10 @@ import torch
 
 from autoseg import atomic, serialization
 from autoseg.errors import AutosegError
+from autoseg.evaluation.best import DATASET_FILE, PLAN_FILE, RUN_FILE
 
 if TYPE_CHECKING:
     from autoseg.training.loop import Run
-
-
-PLAN_FILE = "plan.json"
-DATASET_FILE = "dataset.json"
 
 
 def write_model_files(run: Run) -> None:
@@ -95,4 +92,4 @@ def write_run_json(run: Run, status: str, train_ids: list[str], val_ids: list[st
         "python_version": sys.version.split()[0],
         **extra,
     }
-    atomic.write_json(run.out / "run.json", data)
+    atomic.write_json(run.out / RUN_FILE, data)
