@@ -107,9 +107,23 @@ class PhantomParams:
     gain: float
 
 
-def sample_phantom_params(rng: np.random.Generator) -> PhantomParams:
-    """Draw one phantom's parameters. An age in [0, 1) drives both head size and contrast regime."""
+# The age band of each contrast regime, for datasets of one regime only (``contrast=``).
+CONTRAST_AGE_BANDS = {
+    "inverted": (0.0, INVERTED_CONTRAST_FRACTION),
+    "isointense": (INVERTED_CONTRAST_FRACTION, INVERTED_CONTRAST_FRACTION + ISOINTENSE_FRACTION),
+    "adult": (INVERTED_CONTRAST_FRACTION + ISOINTENSE_FRACTION, 1.0),
+}
+
+
+def sample_phantom_params(rng: np.random.Generator, contrast: str | None = None) -> PhantomParams:
+    """Draw one phantom's parameters. An age in [0, 1) drives both head size and contrast regime;
+    ``contrast`` (a key of TISSUE_INTENSITIES) confines the age to that regime's band."""
     age = float(rng.uniform())
+    if contrast is not None:
+        if contrast not in CONTRAST_AGE_BANDS:
+            raise AutosegError(f"contrast {contrast!r} is not one of {', '.join(CONTRAST_AGE_BANDS)}")
+        low_age, high_age = CONTRAST_AGE_BANDS[contrast]
+        age = low_age + (high_age - low_age) * age
     if age < INVERTED_CONTRAST_FRACTION:
         contrast = "inverted"
     elif age < INVERTED_CONTRAST_FRACTION + ISOINTENSE_FRACTION:
@@ -271,13 +285,40 @@ def _ghost(image: np.ndarray, rng: np.random.Generator, period: int, shift_voxel
     return np.abs(np.fft.ifft(spectrum * factor.reshape(view), axis=axis)).astype(np.float32)
 
 
-def make_case(index: int, seed: int = 0, size: int = 80) -> tuple[np.ndarray, np.ndarray, Geometry]:
+@dataclass(frozen=True)
+class CaseInfo:
+    """What makes one case easy or hard: for reporting results by acquisition condition."""
+
+    contrast: str  # adult, isointense or inverted grey/white contrast
+    head_fill: float  # scalp semi-axis / half field of view: small values are infant heads
+    ghosted: bool  # motion ghosts in k-space
+    slice_step: int  # 1, or the factor of a thick-slice acquisition
+
+    @property
+    def clean(self) -> bool:
+        """Adult contrast, no motion, thin slices: the cases every method gets right."""
+        return self.contrast == "adult" and not self.ghosted and self.slice_step == 1
+
+
+def make_case(
+    index: int, seed: int = 0, size: int = 80, contrast: str | None = None
+) -> tuple[np.ndarray, np.ndarray, Geometry]:
     """Case ``index`` of the example dataset: image, label and geometry, from its own generator."""
+    image, label, geometry, _ = make_case_with_info(index, seed, size, contrast)
+    return image, label, geometry
+
+
+def make_case_with_info(
+    index: int, seed: int = 0, size: int = 80, contrast: str | None = None
+) -> tuple[np.ndarray, np.ndarray, Geometry, CaseInfo]:
+    """``make_case`` and the conditions the case was drawn with."""
     rng = np.random.default_rng([seed, index])
     jitter = round(size * SHAPE_JITTER_FRACTION)
     nz, ny, nx = (int(n) for n in size + rng.integers(-jitter, jitter + 1, size=3))
     spacing = (IN_PLANE_SPACING_MM, IN_PLANE_SPACING_MM, IN_PLANE_SPACING_MM)
-    image, label = make_phantom((nz, ny, nx), spacing, rng)
+    params = sample_phantom_params(rng, contrast)
+    image, label = make_phantom((nz, ny, nx), spacing, rng, params)
+    step = 1
     if rng.uniform() < THICK_SLICE_FRACTION:
         step = int(rng.choice(THICK_SLICE_STEPS))
         offset = int(rng.integers(0, step))
@@ -288,7 +329,8 @@ def make_case(index: int, seed: int = 0, size: int = 80) -> tuple[np.ndarray, np
     extent_xyz = [n * s for n, s in zip(reversed(image.shape), reversed(spacing), strict=True)]
     origin = tuple(float(-e / 2 + rng.uniform(-ORIGIN_JITTER_MM, ORIGIN_JITTER_MM)) for e in extent_xyz)
     identity = tuple(float(v) for v in np.eye(3).ravel())
-    return image, label, Geometry(spacing, origin, identity)
+    info = CaseInfo(params.contrast, params.head_fill, params.ghost_period > 0, step)
+    return image, label, Geometry(spacing, origin, identity), info
 
 
 def case_ids(num_training: int, num_test: int) -> tuple[list[str], list[str]]:
@@ -297,13 +339,20 @@ def case_ids(num_training: int, num_test: int) -> tuple[list[str], list[str]]:
     return ids[:num_training], ids[num_training:]
 
 
-def dataset_json(num_training: int, num_test: int, size: int, seed: int) -> dict[str, object]:
+def dataset_json(
+    num_training: int, num_test: int, size: int, seed: int, contrast: str | None = None, name: str = DATASET_NAME
+) -> dict[str, object]:
+    regimes = (
+        "heads from infant to adolescent size, adult, isointense and inverted grey/white contrast"
+        if contrast is None
+        else f"{contrast} grey/white contrast only, heads of that age band"
+    )
     return {
-        "name": DATASET_NAME,
+        "name": name,
         "description": (
             f"Procedural pediatric brain T1 phantoms ({num_training} training, {num_test} test cases, "
-            f"base grid {size}^3, seed {seed}): heads from infant to adolescent size, adult, isointense "
-            "and inverted grey/white contrast, bias field, noise, motion ghosts, some thick-slice scans."
+            f"base grid {size}^3, seed {seed}): {regimes}, bias field, noise, motion ghosts, some"
+            " thick-slice scans."
         ),
         "reference": "Synthetic; generated by autoseg.example.make_example_dataset",
         "licence": "CC0-1.0",
@@ -322,28 +371,35 @@ def make_example_dataset(
     seed: int = 0,
     show_progress: bool = True,
     overwrite: bool = False,
+    contrast: str | None = None,
+    dataset_name: str = DATASET_NAME,
 ) -> Path:
     """Write ``out_dir/Dataset001_BrainPhantom`` (imagesTr, labelsTr, imagesTs, labelsTs, dataset.json)
     and return it. Everything is written into a hidden sibling folder that is renamed at the end, so an
-    interrupted run leaves no half-written dataset behind."""
+    interrupted run leaves no half-written dataset behind. ``contrast`` ("adult", "isointense" or
+    "inverted") makes every case of that contrast regime, under the folder name ``dataset_name``: a pair
+    of such datasets is a transfer-learning experiment (train on adult contrast, fine-tune on infants)."""
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise AutosegError(f"make_example_dataset: size={size} (--size) must lie in [{MIN_SIZE}, {MAX_SIZE}]")
     if num_training < 1 or num_test < 0:
         raise AutosegError(f"make_example_dataset: num_training={num_training} must be >= 1, num_test={num_test} >= 0")
     out_dir = Path(out_dir)
-    target = out_dir / DATASET_NAME
+    if contrast is not None and contrast not in CONTRAST_AGE_BANDS:
+        known = ", ".join(CONTRAST_AGE_BANDS)
+        raise AutosegError(f"make_example_dataset: contrast={contrast!r} must be one of {known}")
+    target = out_dir / dataset_name
     training, test = case_ids(num_training, num_test)
-    description = dataset_json(num_training, num_test, size, seed)
+    description = dataset_json(num_training, num_test, size, seed, contrast, dataset_name)
     if target.exists() and not overwrite:
         if _holds_exactly(target, description, training, test):
             return target  # the same example, complete: running the quickstart twice just reuses it
         raise _exists_error(target)
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DATASET_NAME}.partial-", dir=out_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f".{dataset_name}.partial-", dir=out_dir))
     try:
         cases = [("Tr", c) for c in training] + [("Ts", c) for c in test]
-        for index, (split, case_id) in enumerate(tqdm(cases, desc=DATASET_NAME, disable=not show_progress)):
-            image, label, geometry = make_case(index, seed, size)
+        for index, (split, case_id) in enumerate(tqdm(cases, desc=dataset_name, disable=not show_progress)):
+            image, label, geometry = make_case(index, seed, size, contrast)
             write_image(image, geometry, staging / f"images{split}" / f"{case_id}_0000{FILE_ENDING}")
             write_segmentation(label, geometry, staging / f"labels{split}" / f"{case_id}{FILE_ENDING}")
         for split in ("Tr", "Ts"):  # present even when empty, as nnU-Net expects

@@ -121,10 +121,10 @@ def test_existing_dataset_needs_overwrite(tmp_path: Path) -> None:
 def test_crash_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_make_case = example.make_case
 
-    def failing_make_case(index: int, seed: int = 0, size: int = 80) -> tuple:
+    def failing_make_case(index: int, seed: int = 0, size: int = 80, contrast: str | None = None) -> tuple:
         if index == 2:
             raise RuntimeError("simulated crash")
-        return real_make_case(index, seed, size)
+        return real_make_case(index, seed, size, contrast)
 
     monkeypatch.setattr(example, "make_case", failing_make_case)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -135,3 +135,26 @@ def test_crash_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_bad_size_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(AutosegError, match="size"):
         example.make_example_dataset(tmp_path, size=200, show_progress=False)
+
+
+def test_one_contrast_regime_and_case_info(tmp_path: Path) -> None:
+    """contrast= confines every case to one regime (and its age band); the case info says what was drawn."""
+    infos = [example.make_case_with_info(i, SEED, 24, contrast="inverted")[3] for i in range(6)]
+    assert {info.contrast for info in infos} == {"inverted"}
+    low, high = example.HEAD_FILL_RANGE
+    band = example.INVERTED_CONTRAST_FRACTION
+    assert all(info.head_fill <= low + (high - low) * band + 0.1 for info in infos)  # infant heads (+ jitter)
+    mixed = [example.make_case_with_info(i, SEED, 24)[3] for i in range(24)]
+    assert len({info.contrast for info in mixed}) > 1
+    assert any(info.slice_step > 1 for info in mixed) and any(info.ghosted for info in mixed)
+    image, _, geometry = example.make_case(5, SEED, 24)  # make_case is make_case_with_info without the info
+    again = example.make_case_with_info(5, SEED, 24)
+    np.testing.assert_array_equal(image, again[0])
+    assert geometry == again[2]
+    adult = example.make_example_dataset(
+        tmp_path, 2, 1, size=20, contrast="adult", dataset_name="Dataset002_AdultPhantom", show_progress=False
+    )
+    assert adult.name == "Dataset002_AdultPhantom"
+    assert "adult grey/white contrast only" in json.loads((adult / "dataset.json").read_text())["description"]
+    with pytest.raises(AutosegError, match="contrast"):
+        example.make_example_dataset(tmp_path, 2, 1, size=20, contrast="neonatal", show_progress=False)
