@@ -57,5 +57,26 @@ class AugmentationParams:
     gamma_retain_stats: bool = True  # restore mean and standard deviation after gamma
     gamma_per_channel: bool = True
 
+    # --- pediatric / acquisition robustness (augment/pediatric.py): all off here, the ``pediatric`` trainer
+    # switches them on. Axes: in dummy-2D mode (anisotropic patches) ghosting, motion and thick slices act
+    # in-plane only, as the first axis already holds the thick slices. ---
+    p_bias_field: float = 0.0  # smooth multiplicative field: image * (1 + field)
+    bias_field_amplitude: float = 0.3  # largest |field|, drawn U(0, this); ±30 % is a strong 3 T / 7 T bias
+    bias_field_order: int = 3  # Legendre polynomial degree (TorchIO RandomBiasField's default order 3)
+    p_contrast_remap: float = 0.0  # random intensity curve inside the head/foreground (infant T1/T2 contrast)
+    contrast_remap_points: int = 5  # control points of the piecewise-linear curve over the intensity range
+    contrast_remap_p_non_monotone: float = 0.5  # once remapped: unsorted curve values (can swap or invert classes)
+    p_motion: float = 0.0  # k-space lines from 2-4 head positions (motion during the scan)
+    motion_num_positions: tuple[int, int] = (2, 4)  # inclusive; the k-space centre's position is the reference
+    motion_max_shift_voxels: float = 3.0  # translation of the other positions, ± per in-plane axis, in voxels
+    p_ghosting: float = 0.0  # periodic k-space modulation: ghosts at multiples of FOV / period
+    ghosting_period: tuple[int, int] = (4, 10)  # inclusive; every n-th line (TorchIO RandomGhosting num_ghosts)
+    ghosting_intensity: tuple[float, float] = (0.5, 1.0)  # line attenuation (TorchIO RandomGhosting intensity)
+    p_thick_slice: float = 0.0  # average slabs of slices along one axis, then resample back
+    thick_slice_factor: tuple[int, int] = (2, 5)  # inclusive: 1 mm -> 2-5 mm slices
+    # back-interpolation, one drawn per image: 0 repeats the slab (as nnU-Net's resampling of anisotropic cases
+    # along their thick axis, order_z 0), 1 interpolates linearly between slab centres
+    thick_slice_orders: tuple[int, ...] = (0, 1)
+
     # --- mirroring (also the test-time mirroring axes at inference) ---
     p_mirror_per_axis: float = 0.5  # every sample, each allowed axis independently (batchgenerators' fixed 0.5)

@@ -31,6 +31,13 @@ from batchgenerators.transforms.resample_transforms import SimulateLowResolution
 from batchgenerators.transforms.spatial_transforms import SpatialTransform
 
 from autoseg.augment.params import AugmentationParams
+from autoseg.augment.pediatric import (
+    RandomBiasFieldTransform,
+    RandomContrastRemapTransform,
+    RandomGhostingTransform,
+    RandomMotionTransform,
+    RandomThickSliceTransform,
+)
 
 IGNORE_LABEL = -1  # label value outside the sampled image; the loss ignores it
 DATA_KEY = "data"  # batchgenerators' key names
@@ -181,8 +188,51 @@ def _gamma(params: AugmentationParams, invert: bool, p: float) -> GammaTransform
     )
 
 
+def _acquisition_transforms(setup: SpatialSetup, params: AugmentationParams) -> list[tuple[float, AbstractTransform]]:
+    """Pediatric robustness (augment/pediatric.py), before nnU-Net's intensity chain: tissue contrast, then
+    the coil's bias field, then k-space motion and ghosting, then slice thickness; noise and blur follow."""
+    # dummy 2D: the first axis already holds the thick slices; k-space artefacts and thicker slices in-plane only
+    axes = (1, 2) if setup.do_dummy_2d else None
+    return [
+        (
+            params.p_contrast_remap,
+            RandomContrastRemapTransform(
+                params.contrast_remap_points,
+                params.contrast_remap_p_non_monotone,
+                p_per_sample=params.p_contrast_remap,
+                ignore_label=IGNORE_LABEL,
+            ),
+        ),
+        (
+            params.p_bias_field,
+            RandomBiasFieldTransform(
+                params.bias_field_amplitude, params.bias_field_order, p_per_sample=params.p_bias_field
+            ),
+        ),
+        (
+            params.p_motion,
+            RandomMotionTransform(
+                params.motion_num_positions, params.motion_max_shift_voxels, p_per_sample=params.p_motion, axes=axes
+            ),
+        ),
+        (
+            params.p_ghosting,
+            RandomGhostingTransform(
+                params.ghosting_period, params.ghosting_intensity, p_per_sample=params.p_ghosting, axes=axes
+            ),
+        ),
+        (
+            params.p_thick_slice,
+            RandomThickSliceTransform(
+                params.thick_slice_factor, params.thick_slice_orders, p_per_sample=params.p_thick_slice, axes=axes
+            ),
+        ),
+    ]
+
+
 def _intensity_transforms(setup: SpatialSetup, params: AugmentationParams) -> list[AbstractTransform]:
     candidates: list[tuple[float, AbstractTransform]] = [
+        *_acquisition_transforms(setup, params),
         (
             params.p_gaussian_noise,
             GaussianNoiseTransform(params.gaussian_noise_variance, p_per_sample=params.p_gaussian_noise),

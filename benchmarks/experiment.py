@@ -1,0 +1,76 @@
+"""What the effect benchmarks share: running autoseg commands, scoring a test folder, grouping cases.
+
+Each step is the command a user would type, run in its own process (``python -m autoseg ...``), so the
+benchmarks measure the product as shipped. Imported by ``pediatric_effect.py`` and ``finetune_effect.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from autoseg.example import CaseInfo
+
+AUTOSEG = [sys.executable, "-m", "autoseg", "-q"]
+
+
+def run(*args: str) -> float:
+    """Run one ``autoseg`` command; returns its wall time in seconds (a failure stops the benchmark)."""
+    command = [*AUTOSEG, *args]
+    print("$", " ".join(command[2:]), flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    return time.perf_counter() - started
+
+
+def train_fold(
+    raw: Path, pre: Path, results: Path, trainer: str, budget: Sequence[str], planner: str = "default",
+    extra: Sequence[str] = (),
+) -> float:  # fmt: skip
+    """Train fold 0 of ``3d_fullres`` with ``trainer``; returns the seconds it took."""
+    return run("train", str(raw), "3d_fullres", "0", "--trainer", trainer, "--planner", planner,
+               "--preprocessed", str(pre), "--results", str(results), "--overwrite", *budget, *extra)  # fmt: skip
+
+
+def predict_and_score(raw: Path, pre: Path, results: Path, out: Path, trainer: str, planner: str = "default") -> Path:
+    """find-best over this trainer's fold 0, predict ``imagesTs`` with it, score against ``labelsTs``."""
+    run("find-best", str(raw), "--preprocessed", str(pre), "--results", str(results), "--trainer", trainer,
+        "--planner", planner, "-c", "3d_fullres", "-f", "0")  # fmt: skip
+    run("predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-m", str(results / raw.name), "--fp32")
+    run("evaluate", str(out), str(raw / "labelsTs"))
+    return out / "summary.json"
+
+
+def foreground_dice_per_case(summary_file: Path) -> dict[str, float]:
+    """Case id -> mean Dice over the foreground labels, from an ``autoseg evaluate`` summary."""
+    summary = json.loads(summary_file.read_text())
+    foreground = [str(v) for v in summary["labels"].values() if v != 0]
+    return {
+        case["case"]: sum(case["metrics"][v]["dice"] for v in foreground) / len(foreground)
+        for case in summary["metric_per_case"]
+    }
+
+
+def group_means(
+    dice: dict[str, float], infos: dict[str, CaseInfo], groups: Sequence[tuple[str, Callable[[CaseInfo], bool]]]
+) -> list[tuple[str, int, float]]:
+    """(group name, number of cases, mean foreground Dice) for every group that has a case."""
+    rows = []
+    for name, member in groups:
+        values = [dice[c] for c, info in infos.items() if member(info) and c in dice]
+        if values:
+            rows.append((name, len(values), sum(values) / len(values)))
+    return rows
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [[str(h) for h in header]] + [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for i, row in enumerate(cells):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
