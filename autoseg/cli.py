@@ -41,13 +41,22 @@ def _add_planner(p: argparse.ArgumentParser) -> None:
     p.add_argument("--planner", default="default", help="planner name (see `autoseg list planners`)")
 
 
+def _add_network(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--network",
+        metavar="NAME",
+        help="plan for this network instead of the planner's own, e.g. swin_unet; its memory estimate sizes the"
+        " patches (see `autoseg list networks`; default: the planner's)",
+    )
+
+
 def _add_gpu_memory(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gpu-memory-gb",
         type=float,
-        default=8.0,
         metavar="GB",
-        help="GPU memory the plan targets (default: 8, as nnU-Net)",
+        help="GPU memory the plan targets (default: the planner's own: 8 GB as nnU-Net, 24 for resenc_l, 40 for"
+        " resenc_xl)",
     )
 
 
@@ -107,7 +116,29 @@ def train_options(args: argparse.Namespace) -> Any:
         show_progress=not args.quiet,
         early_stopping_patience=flag("early_stopping_patience"),
         early_stopping_min_epochs=flag("early_stopping_min_epochs"),
+        pretrained=flag("pretrained"),
     )
+
+
+def _add_pretrained(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pretrained", metavar="PATH",
+        help="start from these weights: a fold, model or results folder, a checkpoint .pt or a bundle .zip; heads"
+        " are re-initialised when the labels differ, the first conv adapted to another channel count",
+    )  # fmt: skip
+
+
+def _add_like(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--like", metavar="PRETRAINED",
+        help="plan like a trained model (its network, patch size, spacing, batch size) so that --pretrained fits;"
+        " the channels, labels and intensities come from this dataset",
+    )  # fmt: skip
+    p.add_argument(
+        "--plan-name", metavar="NAME",
+        help="save the plan under this name, which --planner then gives to every later command (default: the"
+        " planner's name; <planner>_<network> with --network; like_<the model's dataset> with --like)",
+    )  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -216,9 +247,23 @@ def _print_plan(plan_file: Path) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from autoseg.pipeline import plan
+    from autoseg.errors import AutosegError
+    from autoseg.pipeline import plan, plan_like
 
-    _print_plan(plan(args.dataset, _paths(args), args.planner, args.gpu_memory_gb))
+    if args.like is not None:
+        if args.network is not None or args.planner != "default":
+            raise AutosegError(
+                "--like plans like the pretrained model, so --planner and --network do not apply. Fix: leave them"
+                " out (name the plan with --plan-name)"
+            )
+        plan_file = plan_like(args.dataset, _paths(args), args.like, args.plan_name, show_progress=not args.quiet)
+        _print_plan(plan_file)
+        print(
+            f"next: autoseg preprocess {args.dataset} --planner {plan_file.stem}, then autoseg train ... --planner"
+            f" {plan_file.stem} --pretrained {args.like}"
+        )
+        return 0
+    _print_plan(plan(args.dataset, _paths(args), args.planner, args.gpu_memory_gb, args.network, args.plan_name))
     return 0
 
 
@@ -349,11 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_plan,
         "plan",
         "derive the training plan from the fingerprint",
-        "Write <preprocessed>/<dataset>/plans/<planner>.json from the fingerprint.",
+        "Write <preprocessed>/<dataset>/plans/<planner>.json from the fingerprint. With --like PRETRAINED: the"
+        " trained model's plan for this dataset, in plans/<plan name>.json.",
         _add_dataset,
         _add_preprocessed,
         _add_planner,
         _add_gpu_memory,
+        _add_network,
+        _add_like,
     )
     _command(
         sub,
@@ -414,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tta", action="store_true", help="validate without mirror test-time augmentation")
     p.add_argument("--fast-dev-run", action="store_true", help="2 epochs of 2 iterations, 2 validation cases")
     _add_early_stopping(p)
+    _add_pretrained(p)
 
     p = _command(
         sub,
@@ -438,10 +487,16 @@ def build_parser() -> argparse.ArgumentParser:
         "results": _add_results,
         "planner": _add_planner,
         "gpu_memory": _add_gpu_memory,
+        "network": _add_network,
         "workers": _add_workers,
         "early_stopping": _add_early_stopping,
+        "pretrained": _add_pretrained,
+        "like": _add_like,
     }
     add_model_commands(sub, _command, common)
+    from autoseg.cli_pretrain import add_pretrain_command
+
+    add_pretrain_command(sub, _command, common)
 
     p = _command(sub, cmd_list, "list", "list registered plug-ins", "List plug-ins with one line each.")
     p.add_argument("kind", choices=["planners", "trainers", "networks", "normalizers"], help="which registry to list")

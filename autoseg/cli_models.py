@@ -71,7 +71,8 @@ def cmd_plan_and_train(args: argparse.Namespace) -> int:
     result = plan_and_train(
         args.dataset, _paths(args), configurations=configurations, folds=folds, trainer=args.trainer,
         planner=args.planner, options=options, gpu_memory_gb=args.gpu_memory_gb, devices=devices,
-        num_workers=args.num_workers, plugin_files=args.plugins,
+        num_workers=args.num_workers, plugin_files=args.plugins, network=args.network,
+        like=args.like, plan_name=args.plan_name,
     )  # fmt: skip
     print()
     if result.best is not None:
@@ -108,7 +109,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         Path(args.model), Path(args.input), Path(args.output), folds=args.folds, use_mirroring=not args.no_tta,
         save_probabilities=args.save_probabilities, skip_existing=args.continue_, device=args.device,
         step_size=args.step_size, num_workers=args.num_workers, show_progress=not args.quiet,
-        cpu_bf16=False if args.fp32 else None,
+        cpu_bf16=False if args.fp32 else None, save_uncertainty=args.save_uncertainty,
     )  # fmt: skip
     seconds = time.perf_counter() - started
     print(f"{len(written)} case(s) written to {args.output} in {seconds:.1f} s")
@@ -183,6 +184,9 @@ def add_model_commands(
     p.add_argument("--fast-dev-run", action="store_true", help="2 epochs of 2 iterations per fold: checks the set-up")
     common["early_stopping"](p)
     common["workers"](p)
+    common["network"](p)
+    common["pretrained"](p)
+    common["like"](p)
 
     p = command(
         sub, cmd_find_best, "find-best", "choose the best model, ensemble and postprocessing by cross-validation",
@@ -207,6 +211,11 @@ def add_model_commands(
     p.add_argument("-f", "--folds", nargs="+", type=int, metavar="K", help="folds to use (default: best.json's)")
     p.add_argument("--no-tta", action="store_true", help="no mirror test-time augmentation (about 8x faster in 3D)")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz class probabilities")
+    p.add_argument(
+        "--save-uncertainty", action="store_true",
+        help="also write uncertainty/CASE_entropy<ending>: per voxel, the entropy of the class probabilities averaged"
+        " over folds, mirrorings and ensemble members, divided by log(#classes): 0 = certain, 1 = undecided",
+    )  # fmt: skip
     p.add_argument("--continue", dest="continue_", action="store_true", help="skip cases already in OUT_DIR")
     p.add_argument("--device", metavar="DEV", help="cuda, cuda:1 or cpu (default: CUDA if present)")
     p.add_argument("--step-size", type=float, default=0.5, help="tile step as a fraction of the patch (default 0.5)")

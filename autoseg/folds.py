@@ -87,6 +87,8 @@ def _train_argv(
     argv += ["train", str(dataset), job.configuration, str(job.fold), "--preprocessed", str(paths.preprocessed),
              "--results", str(paths.results), "--trainer", trainer, "--planner", planner, "--device", device,
              "--seed", str(options.seed)]  # fmt: skip
+    if options.pretrained is not None:
+        argv += ["--pretrained", str(options.pretrained)]
     numeric = {"--epochs": options.epochs, "--iterations-per-epoch": options.iterations_per_epoch,
                "--val-iterations": options.val_iterations, "--lr": options.lr, "--batch-size": options.batch_size,
                "--num-workers": options.num_workers, "--early-stopping-patience": options.early_stopping_patience,

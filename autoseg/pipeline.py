@@ -58,13 +58,57 @@ def load_fingerprint(spec: DatasetSpec, paths: Paths) -> Fingerprint:
     return serialization.load(Fingerprint, path)
 
 
-def plan(dataset: str | Path, paths: Paths, planner: str = "default", gpu_memory_gb: float = 8.0) -> Path:
+def plan(
+    dataset: str | Path,
+    paths: Paths,
+    planner: str = "default",
+    gpu_memory_gb: float | None = None,
+    architecture: str | None = None,
+    plan_name: str | None = None,
+) -> Path:
+    """Write the plan; ``architecture`` (``--network``) replaces the planner's own network in every configuration.
+
+    The plan is saved as ``plans/<plan_name>.json``; by default the planner's name, or ``<planner>_<network>``
+    with another network (see ``default_plan_name``). ``--planner <plan_name>`` then names it to every command.
+    """
+    from autoseg.plan import default_plan_name
     from autoseg.planning import PLANNERS
 
     spec = checked_dataset(dataset)
     planner_class = PLANNERS.get(planner)
-    result = planner_class(gpu_memory_gb=gpu_memory_gb).plan(load_fingerprint(spec, paths))
-    target = paths.plan_file(spec.name, planner)
+    result = planner_class(gpu_memory_gb=gpu_memory_gb, architecture=architecture).plan(load_fingerprint(spec, paths))
+    name = plan_name or default_plan_name(planner, architecture, planner_class.architecture)
+    if name != result.planner:
+        result = result.renamed(name)
+    target = paths.plan_file(spec.name, name)
+    serialization.save(result, target)
+    return target
+
+
+def plan_like(
+    dataset: str | Path,
+    paths: Paths,
+    pretrained: str | Path,
+    plan_name: str | None = None,
+    num_workers: int | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Plan ``dataset`` like a trained model, so that its weights fit (``--pretrained``); returns the plan file.
+
+    The model's configurations (network, patch size, spacing, batch size) with this dataset's channels,
+    labels, intensities and normalization; see ``autoseg.training.pretrained.plan_like``. Fingerprints the
+    dataset first if that has not been done. Saved as ``plans/<plan_name>.json``, default
+    ``like_<the model's dataset>``: ``--planner <plan_name>`` then preprocesses and trains it.
+    """
+    from autoseg.training import pretrained as pre
+
+    spec = checked_dataset(dataset)
+    if not paths.fingerprint_file(spec.name).is_file():
+        fingerprint(spec.root, paths, num_workers=num_workers, show_progress=show_progress)
+    source, _ = pre.read_pretrained_plan(pretrained, paths)
+    name = plan_name or pre.like_plan_name(source.dataset_name)
+    result = pre.plan_like(source, load_fingerprint(spec, paths), name)
+    target = paths.plan_file(spec.name, name)
     serialization.save(result, target)
     return target
 
@@ -98,7 +142,7 @@ def plan_and_preprocess(
     dataset: str | Path,
     paths: Paths,
     planner: str = "default",
-    gpu_memory_gb: float = 8.0,
+    gpu_memory_gb: float | None = None,
     configurations: list[str] | None = None,
     num_workers: int | None = None,
     show_progress: bool = True,
@@ -178,7 +222,7 @@ def find_best(
     Candidates are the trained models under ``<results>/<dataset>/``, narrowed to ``trainer``, ``planner``
     and ``configurations`` when given.
     """
-    from autoseg.evaluation.best import ModelRef
+    from autoseg.evaluation.best import PRETRAIN_TRAINER, ModelRef
     from autoseg.evaluation.find_best import find_best as choose
 
     spec = checked_dataset(dataset)
@@ -189,7 +233,8 @@ def find_best(
     models = [
         m
         for m in found
-        if (trainer is None or m.trainer == trainer)
+        if m.trainer != PRETRAIN_TRAINER
+        and (trainer is None or m.trainer == trainer)
         and (planner is None or m.planner == planner)
         and (configurations is None or m.configuration in configurations)
     ]

@@ -6,7 +6,8 @@ to the (z, y, x) order of the images), so that the coarsest axis comes first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from math import prod
 
 from autoseg.fingerprint import IntensityStats
@@ -98,3 +99,26 @@ class Plan:
                 f" it has: {', '.join(self.configurations)}"
             )
         return self.configurations[name]
+
+    def renamed(self, name: str) -> Plan:
+        """This plan saved under another name: ``planner`` and every configuration's data folder follow it."""
+        check_plan_name(name)
+        configurations = {key: replace(c, data_identifier=f"{name}_{key}") for key, c in self.configurations.items()}
+        return replace(self, planner=name, configurations=configurations)
+
+
+def check_plan_name(name: str) -> None:
+    """A plan's name becomes part of file and folder names (``plans/<name>.json``, ``<trainer>__<name>__<config>``)."""
+    from autoseg.errors import AutosegError
+
+    if "__" in name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise AutosegError(
+            f"plan name {name!r}: use letters, digits, '_', '.', '-' and no '__' (it names folders"
+            " <trainer>__<plan>__<configuration>). Fix: --plan-name"
+        )
+
+
+def default_plan_name(planner: str, architecture: str | None, planner_architecture: str) -> str:
+    """The planner's name, or ``<planner>_<network>`` when ``--network`` replaced the planner's own network, so
+    that the two plans (and the models trained from them) never share a file or folder."""
+    return planner if architecture in (None, planner_architecture) else f"{planner}_{architecture}"

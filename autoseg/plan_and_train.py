@@ -17,6 +17,7 @@ from autoseg.errors import AutosegError
 from autoseg.evaluation.best import BestChoice
 from autoseg.folds import FoldJob, FoldOutcome, run_fold_jobs
 from autoseg.paths import Paths
+from autoseg.plan import default_plan_name
 from autoseg.presets import ALL_FOLDS, PRESETS
 from autoseg.training.trainer import TrainOptions
 
@@ -67,13 +68,21 @@ def plan_and_train(
     trainer: str = "default",
     planner: str = "default",
     options: TrainOptions | None = None,
-    gpu_memory_gb: float = 8.0,
+    gpu_memory_gb: float | None = None,
     devices: Sequence[str] | None = None,
     num_workers: int | None = None,
     plugin_files: Sequence[str] = (),
     announce: Callable[[str], None] = print,
+    network: str | None = None,
+    like: str | Path | None = None,
+    plan_name: str | None = None,
 ) -> PlanAndTrainResult:
-    """Run every stage; see the module docstring. ``devices`` with several entries trains folds side by side."""
+    """Run every stage; see the module docstring. ``devices`` with several entries trains folds side by side.
+
+    ``network`` (``--network``) plans for that registered network instead of the planner's own.
+    ``like`` (``--like``) plans like that trained model (``pipeline.plan_like``) under ``plan_name``, which
+    takes the place of ``planner``; with ``options.pretrained`` its weights then fit.
+    """
     from autoseg import pipeline
     from autoseg.check import DatasetCheckFailed
     from autoseg.training.trainer import TRAINERS
@@ -94,12 +103,27 @@ def plan_and_train(
         else:
             pipeline.fingerprint(spec.root, paths, num_workers, show_progress=show)
     with _timed(seconds, "plan"):
+        from autoseg.planning import PLANNERS
+
+        planner_name = planner
+        if like is not None:
+            planner = _like_plan_name(like, plan_name, planner, network, paths)
+        else:
+            planner = plan_name or default_plan_name(planner, network, PLANNERS.get(planner).architecture)
         plan_file = paths.plan_file(spec.name, planner)
         if plan_file.is_file():
             announce(f"reusing {plan_file} (delete it to plan again)")
+        elif like is not None:
+            pipeline.plan_like(spec.root, paths, like, planner, num_workers, show_progress=show)
         else:
-            pipeline.plan(spec.root, paths, planner, gpu_memory_gb)
+            pipeline.plan(spec.root, paths, planner_name, gpu_memory_gb, network, planner)
         the_plan = pipeline.load_plan(spec, paths, planner)
+        planned_for = sorted({c.network.architecture for c in the_plan.configurations.values()})
+        if network is not None and planned_for != [network]:
+            raise AutosegError(
+                f"{plan_file} was planned for network {', '.join(planned_for)}, not --network {network}."
+                " Fix: delete the plan (and its preprocessed data) to plan again, or leave out --network"
+            )
     names = list(configurations or the_plan.configurations)
     missing = [n for n in names if n not in the_plan.configurations]
     if missing:
@@ -129,6 +153,18 @@ def plan_and_train(
                 num_workers=num_workers, show_progress=show,
             )  # fmt: skip
     return result
+
+
+def _like_plan_name(like: str | Path, plan_name: str | None, planner: str, network: str | None, paths: Paths) -> str:
+    """The plan --like makes: --plan-name, else like_<the pretrained model's dataset>."""
+    from autoseg.training.pretrained import like_plan_name, read_pretrained_plan
+
+    if planner != "default" or network is not None:
+        raise AutosegError(
+            "--like plans like the pretrained model, so --planner and --network do not apply. Fix: leave them"
+            " out (name the plan with --plan-name)"
+        )
+    return plan_name or like_plan_name(read_pretrained_plan(like, paths)[0].dataset_name)
 
 
 @contextmanager

@@ -36,12 +36,16 @@ def train_fold(
                "--preprocessed", str(pre), "--results", str(results), "--overwrite", *budget, *extra)  # fmt: skip
 
 
-def predict_and_score(raw: Path, pre: Path, results: Path, out: Path, trainer: str, planner: str = "default") -> Path:
-    """find-best over this trainer's fold 0, predict ``imagesTs`` with it, score against ``labelsTs``."""
+def predict_and_score(
+    raw: Path, pre: Path, results: Path, out: Path, trainer: str, planner: str = "default", test: Path | None = None
+) -> Path:
+    """find-best over this trainer's fold 0, predict ``imagesTs`` of ``test`` (default: ``raw``) with it, score
+    against its ``labelsTs``."""
+    test = test or raw
     run("find-best", str(raw), "--preprocessed", str(pre), "--results", str(results), "--trainer", trainer,
         "--planner", planner, "-c", "3d_fullres", "-f", "0")  # fmt: skip
-    run("predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-m", str(results / raw.name), "--fp32")
-    run("evaluate", str(out), str(raw / "labelsTs"))
+    run("predict", "-i", str(test / "imagesTs"), "-o", str(out), "-m", str(results / raw.name), "--fp32")
+    run("evaluate", str(out), str(test / "labelsTs"))
     return out / "summary.json"
 
 
@@ -49,10 +53,12 @@ def foreground_dice_per_case(summary_file: Path) -> dict[str, float]:
     """Case id -> mean Dice over the foreground labels, from an ``autoseg evaluate`` summary."""
     summary = json.loads(summary_file.read_text())
     foreground = [str(v) for v in summary["labels"].values() if v != 0]
-    return {
-        case["case"]: sum(case["metrics"][v]["dice"] for v in foreground) / len(foreground)
-        for case in summary["metric_per_case"]
-    }
+    per_case = {}
+    for case in summary["metric_per_case"]:
+        values = [case["metrics"][v]["Dice"] for v in foreground]
+        values = [v for v in values if v is not None]  # a label absent from both: no Dice (null)
+        per_case[case["case"]] = sum(values) / len(values) if values else float("nan")
+    return per_case
 
 
 def group_means(

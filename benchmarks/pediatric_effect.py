@@ -9,6 +9,10 @@ with each and prints the mean foreground Dice per acquisition condition: clean (
 thin slices), inverted and isointense contrast, the youngest third (smallest heads), motion ghosts and
 thick slices. Both trainers see the same hard cases in training; the augmentation must make the network
 cope with them better, not memorise them.
+
+With ``--train-contrast adult`` the training cases are all adult-contrast, older (larger) heads, as a
+dataset collected from adolescents, and the test cases come from a separate mixed dataset: infant contrast
+and head size are then conditions the network never saw, which is what the augmentation is for.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from experiment import foreground_dice_per_case, group_means, predict_and_score,
 
 from autoseg.example import case_ids, make_case_with_info, make_example_dataset
 
+TRAIN_ONE_CONTRAST = "Dataset004_OneContrastPhantom"
+MIXED_TEST = "Dataset005_MixedPhantomTest"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,16 +41,28 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=40, help="iterations per epoch (default: 40)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the dataset and of training (default: 0)")
     parser.add_argument("--trainers", nargs="+", default=["default", "pediatric"], help="trainers to compare")
+    parser.add_argument(
+        "--train-contrast", choices=["adult", "isointense", "inverted"],
+        help="train on this contrast regime only and test on a separate mixed dataset (default: mixed training)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     out = Path(args.out)
-    raw = make_example_dataset(out / "raw", args.train, args.test, args.size, args.seed, show_progress=False)
+    if args.train_contrast is None:
+        raw = make_example_dataset(out / "raw", args.train, args.test, args.size, args.seed, show_progress=False)
+        test, test_seed, first_test_index = raw, args.seed, args.train
+    else:
+        raw = make_example_dataset(out / "raw", args.train, 0, args.size, args.seed, show_progress=False,
+                                   contrast=args.train_contrast, dataset_name=TRAIN_ONE_CONTRAST)  # fmt: skip
+        test_seed, first_test_index = args.seed + 1, 1
+        test = make_example_dataset(out / "raw", 1, args.test, args.size, test_seed, show_progress=False,
+                                    dataset_name=MIXED_TEST)  # fmt: skip
     pre = out / "preprocessed"
     run("plan-and-preprocess", str(raw), "--preprocessed", str(pre), "-c", "3d_fullres")
     budget = ["--epochs", str(args.epochs), "--iterations-per-epoch", str(args.iterations),
               "--val-iterations", "10", "--seed", str(args.seed)]  # fmt: skip
-    _, test_ids = case_ids(args.train, args.test)
-    infos = {c: make_case_with_info(args.train + i, args.seed, args.size)[3] for i, c in enumerate(test_ids)}
+    _, test_ids = case_ids(first_test_index, args.test)
+    infos = {c: make_case_with_info(first_test_index + i, test_seed, args.size)[3] for i, c in enumerate(test_ids)}
     fills = sorted(info.head_fill for info in infos.values())
     youngest = fills[len(fills) // 3 - 1] if len(fills) >= 3 else fills[0]
     groups = [
@@ -60,13 +79,12 @@ def main() -> None:
     for trainer in args.trainers:
         results = out / f"results_{trainer}"
         seconds[trainer] = train_fold(raw, pre, results, trainer, budget)
-        summary = predict_and_score(raw, pre, results, out / f"predictions_{trainer}", trainer)
+        summary = predict_and_score(raw, pre, results, out / f"predictions_{trainer}", trainer, test=test)
         dice[trainer] = foreground_dice_per_case(summary)
 
-    print(
-        f"\nTest-set mean foreground Dice by condition ({args.test} cases, size {args.size}, fold 0 of"
-        f" {args.train} training cases, {args.epochs} epochs x {args.iterations} iterations, seed {args.seed})"
-    )
+    training = f"{args.train} training cases" + (f" of {args.train_contrast} contrast" if args.train_contrast else "")
+    print(f"\nTest-set mean foreground Dice by condition ({args.test} cases of {test.name}, size {args.size},"
+          f" fold 0 of {training}, {args.epochs} epochs x {args.iterations} iterations, seed {args.seed})")  # fmt: skip
     per_trainer = {t: {name: (n, mean) for name, n, mean in group_means(dice[t], infos, groups)} for t in dice}
     names = [name for name, _ in groups if name in per_trainer[args.trainers[0]]]
     rows = []

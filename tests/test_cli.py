@@ -12,6 +12,7 @@ from autoseg.cli import build_parser, main
 COMMANDS = [
     "example", "check", "fingerprint", "plan", "preprocess", "plan-and-preprocess", "list", "train", "evaluate",
     "plan-and-train", "find-best", "predict", "ensemble", "postprocess", "export-model", "import-model",
+    "pretrain",
 ]  # fmt: skip
 
 

@@ -28,6 +28,8 @@ BEST_FILE = "best.json"
 PLAN_FILE = "plan.json"
 DATASET_FILE = "dataset.json"
 RUN_FILE = "run.json"
+# The trainer part of `autoseg pretrain`'s model folders: reconstruction networks, never segmentation candidates.
+PRETRAIN_TRAINER = "pretrain"
 SEPARATOR = "__"
 
 

@@ -10,6 +10,8 @@ interpolation is a convex combination). Both interpolate linearly; argmaxes diff
 
 With ``save_probabilities`` the restored probabilities go to ``CASE.npz`` (key ``probabilities``,
 (K, z, y, x) in the original grid) with ``CASE_probabilities.json`` beside them, for ensembling.
+``autoseg predict --save-uncertainty`` adds ``uncertainty/CASE_entropy<ending>`` (``uncertainty_file``;
+see ``autoseg.inference.predictor``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ if TYPE_CHECKING:
 # disagree by. nnU-Net v2 stores float32; pass ``probabilities_dtype=np.float32`` for that.
 DEFAULT_PROBABILITIES_DTYPE = np.float16
 PROBABILITIES_KEY = "probabilities"
+# The uncertainty map of OUT_DIR/CASE<ending>: OUT_DIR/uncertainty/CASE_entropy<ending> (``uncertainty_file``)
+UNCERTAINTY_FOLDER = "uncertainty"
+ENTROPY_SUFFIX = "_entropy"
 
 
 @dataclass(frozen=True)
@@ -70,9 +75,23 @@ def label_values(plan: Plan) -> tuple[int, ...]:
 def probabilities_files(output_file: str | Path) -> tuple[Path, Path]:
     """``CASE.npz`` and ``CASE_probabilities.json`` beside ``output_file`` (``CASE`` + its file ending)."""
     output_file = Path(output_file)
-    ending = file_ending(output_file) or output_file.suffix
-    stem = output_file.name[: len(output_file.name) - len(ending)] if ending else output_file.name
+    stem, _ = _stem_and_ending(output_file)
     return output_file.with_name(f"{stem}.npz"), output_file.with_name(f"{stem}_probabilities.json")
+
+
+def _stem_and_ending(output_file: Path) -> tuple[str, str]:
+    """``CASE`` and ``<ending>`` of ``CASE<ending>`` (the ending as ``autoseg.io`` knows it, else the suffix)."""
+    ending = file_ending(output_file) or output_file.suffix
+    return (output_file.name[: len(output_file.name) - len(ending)] if ending else output_file.name), ending
+
+
+def uncertainty_file(output_file: str | Path) -> Path:
+    """Where ``autoseg predict --save-uncertainty`` writes the entropy map of ``OUT_DIR/CASE<ending>``:
+    ``OUT_DIR/uncertainty/CASE_entropy<ending>`` (a subfolder, so that no command that reads a prediction
+    folder's ``CASE<ending>`` files mistakes it for a segmentation)."""
+    output_file = Path(output_file)
+    stem, ending = _stem_and_ending(output_file)
+    return output_file.parent / UNCERTAINTY_FOLDER / f"{stem}{ENTROPY_SUFFIX}{ending}"
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

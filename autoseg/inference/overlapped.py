@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from autoseg import atomic, serialization
-from autoseg.inference.export import ProbabilitiesInfo, probabilities_files
+from autoseg.inference.export import ProbabilitiesInfo, probabilities_files, uncertainty_file
 from autoseg.inference.inputs import InputCase, read_input_case
-from autoseg.inference.predictor import CaseTiming, Predictor, PreparedCase
-from autoseg.io import Geometry, write_segmentation
+from autoseg.inference.predictor import CasePrediction, CaseTiming, Predictor, PreparedCase
+from autoseg.io import Geometry, write_image, write_segmentation
 from autoseg.parallel import available_cores
 
 # Segmentations (and probabilities) computed but not yet written; the device waits beyond this, so a
@@ -38,8 +38,12 @@ def predict_cases(
     save_probabilities: bool = False,
     num_workers: int | None = None,
     show_progress: bool = True,
+    save_uncertainty: bool = False,
 ) -> list[Path]:
-    """Predict each (case, output file) with ``predictor``, stages overlapped; timings go to ``predictor.timings``."""
+    """Predict each (case, output file) with ``predictor``, stages overlapped; timings go to ``predictor.timings``.
+
+    ``save_uncertainty``: also each case's entropy map (``uncertainty_file``), written before its segmentation.
+    """
     from tqdm import tqdm
 
     readers = num_workers if num_workers is not None else max(1, min(MAX_DEFAULT_READERS, available_cores() // 2))
@@ -71,15 +75,14 @@ def predict_cases(
             for _case, output_file in cases:
                 prepared = reads.popleft().result()
                 read_ahead()  # the next case is read while this one is on the device
-                segmentation, probabilities, timing = predictor.predict_prepared(prepared, save_probabilities)
+                prediction = predictor.predict_prepared(prepared, save_probabilities, save_uncertainty)
                 while len(writes) >= MAX_PENDING_WRITES:
                     finish_oldest_write()
                 future = write_pool.submit(
-                    _postprocess_and_write, predictor, segmentation, probabilities, prepared.geometry,
-                    prepared.case_id, output_file,
-                )  # fmt: skip
-                writes.append((future, output_file, timing))
-                del prepared, segmentation, probabilities  # the writer holds what it needs; the images can go
+                    _postprocess_and_write, predictor, prediction, prepared.geometry, prepared.case_id, output_file
+                )
+                writes.append((future, output_file, prediction.timing))
+                del prepared, prediction  # the writer holds what it needs; the images can go
             while writes:
                 finish_oldest_write()
         finally:
@@ -98,18 +101,15 @@ def _read_and_prepare(predictor: Predictor, case: InputCase) -> PreparedCase:
 
 
 def _postprocess_and_write(
-    predictor: Predictor,
-    segmentation: np.ndarray,
-    probabilities: np.ndarray | None,
-    geometry: Geometry,
-    case_id: str,
-    output_file: Path,
+    predictor: Predictor, prediction: CasePrediction, geometry: Geometry, case_id: str, output_file: Path
 ) -> float:
-    """Runs on the writer thread; returns its seconds."""
+    """Runs on the writer thread; returns its seconds. Every file is written atomically."""
     started = time.perf_counter()
-    write_segmentation(predictor.postprocess(segmentation), geometry, output_file)
-    if probabilities is not None:
-        save_probabilities(probabilities, predictor, geometry, case_id, output_file)
+    if prediction.entropy is not None:
+        write_image(prediction.entropy.astype(np.float32, copy=False), geometry, uncertainty_file(output_file))
+    write_segmentation(predictor.postprocess(prediction.segmentation), geometry, output_file)
+    if prediction.probabilities is not None:
+        save_probabilities(prediction.probabilities, predictor, geometry, case_id, output_file)
     return time.perf_counter() - started
 
 

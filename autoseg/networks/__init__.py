@@ -6,6 +6,8 @@ registers with ``@register_network("name")`` and is named in the plan's ``networ
 """
 
 from autoseg.networks.registry import NETWORKS, NetworkFactory, build_network, feature_map_elements, register_network
+from autoseg.networks.resenc import ResEncUNet  # noqa: F401  registers "resenc_unet"
+from autoseg.networks.swin import SwinUNet  # noqa: F401  registers "swin_unet"
 from autoseg.networks.unet import PlainUNet
 
 __all__ = ["NETWORKS", "NetworkFactory", "PlainUNet", "build_network", "feature_map_elements", "register_network"]

@@ -66,6 +66,10 @@ def feature_map_elements(
     block, each transposed conv, the segmentation heads that are computed) and whatever a plug-in
     architecture computes. nnU-Net's planner builds its network without deep supervision, so by default
     only the full-resolution head is counted. The input itself is not counted.
+
+    A network whose memory is not mostly conv outputs (attention, say) defines its own estimate as a method
+    ``feature_map_elements(patch_size) -> int`` in the same units; the module built here is asked instead of
+    counted.
     """
     patch = tuple(int(p) for p in patch_size)
     return _feature_map_elements(network_plan, patch, num_input_channels, num_classes, deep_supervision)
@@ -88,6 +92,10 @@ class _MetaCounter:
         self.architecture = architecture
         self.total = 0
         self.lock = threading.Lock()  # the hooks share one running total
+        # The network's own estimate, when it has one (see feature_map_elements): no forward pass at all.
+        self.estimate: Callable[[Sequence[int]], int] | None = getattr(module, "feature_map_elements", None)
+        if self.estimate is not None:
+            return
         for m in module.modules():
             if isinstance(m, COUNTED_MODULES):
                 m.register_forward_hook(self._hook)
@@ -98,6 +106,11 @@ class _MetaCounter:
         self.total += output.numel()
 
     def count(self, patch: tuple[int, ...]) -> int:
+        if self.estimate is not None:
+            try:
+                return int(self.estimate(patch))
+            except (RuntimeError, ValueError) as exc:
+                raise AutosegError(f"network {self.architecture!r} cannot run on a patch of {patch}: {exc}") from exc
         x = torch.empty((1, self.num_input_channels, *patch), device="meta")
         with self.lock, torch.no_grad():
             self.total = 0

@@ -10,7 +10,7 @@ copied across by position.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
 import torch
@@ -103,6 +103,10 @@ class PlainUNet(nn.Module):
     """
 
     negative_slope: ClassVar[float] = 1e-2  # He init for LeakyReLU(1e-2): nnU-Net's InitWeights_He(1e-2)
+    # For --pretrained (autoseg.training.pretrained): the segmentation heads, re-initialised when the labels
+    # differ. ``stem_weight_names`` and ``encoder_parameters`` below complete what it asks of a network.
+    head_prefixes: ClassVar[tuple[str, ...]] = ("heads.",)
+    decoder_prefixes: ClassVar[tuple[str, ...]] = ("decoder.", "upsample.", "heads.")
 
     def __init__(
         self, network: NetworkPlan, num_input_channels: int, num_classes: int, deep_supervision: bool = True
@@ -130,6 +134,15 @@ class PlainUNet(nn.Module):
         self.upsample = nn.ModuleList(upsample)
         self.heads = nn.ModuleList(heads)
         self.apply(lambda m: init_he(m, self.negative_slope))
+
+    @property
+    def stem_weight_names(self) -> tuple[str, ...]:
+        """The weight that sees the input channels: the first conv registered (also a subclass's stem)."""
+        return (next(name for name, m in self.named_modules() if isinstance(m, tuple(_CONV.values()))) + ".weight",)
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        """What a fine-tuning trainer freezes: every parameter outside the decoder (a subclass's stem too)."""
+        return (p for name, p in self.named_parameters() if not name.startswith(self.decoder_prefixes))
 
     @property
     def max_outputs(self) -> int:

@@ -25,7 +25,8 @@ from autoseg.registry import Registry
 class Planner:
     """nnU-Net v2's default plan: 2d, 3d_fullres and (for large images) 3d_lowres plain U-Nets."""
 
-    architecture: ClassVar[str] = "plain_unet"  # name in the network registry
+    # Name in the network registry; an instance may override it (``--network``), so no ClassVar.
+    architecture: str = "plain_unet"
     # Widths: nnU-Net's UNet_base_num_features and UNet_max_features_2d/_3d.
     base_features: ClassVar[int] = 32
     max_features_3d: ClassVar[int] = 320
@@ -41,6 +42,8 @@ class Planner:
     reference_batch_size_3d: ClassVar[int] = 2
     reference_batch_size_2d: ClassVar[int] = 12
     reference_gpu_memory_gb: ClassVar[float] = 8.0
+    # The GPU size planned for when none is given (nnU-Net: 8 GB; its ResEnc L and XL presets: 24, 40).
+    default_gpu_memory_gb: ClassVar[float] = 8.0
     min_batch_size: ClassVar[int] = 2  # nnU-Net: instance norm and batch dice need more than one sample
     # One batch may show at most 5% of the dataset's voxels: nnU-Net's guard against overfitting.
     max_dataset_coverage: ClassVar[float] = 0.05
@@ -67,8 +70,13 @@ class Planner:
     normalizations_using_mask: ClassVar[frozenset[str]] = frozenset({"zscore"})
     mask_for_norm_max_relative_size: ClassVar[float] = 0.75
 
-    def __init__(self, gpu_memory_gb: float = 8.0) -> None:
-        self.gpu_memory_gb = gpu_memory_gb
+    def __init__(self, gpu_memory_gb: float | None = None, architecture: str | None = None) -> None:
+        self.gpu_memory_gb = self.default_gpu_memory_gb if gpu_memory_gb is None else gpu_memory_gb
+        if architecture is not None:  # this planner's rules, another network's memory estimate and topology
+            from autoseg.networks import NETWORKS  # torch: only when a network is named
+
+            NETWORKS.get(architecture)  # an unknown name fails now, with the registered names
+            self.architecture = architecture
 
     @property
     def name(self) -> str:
@@ -138,7 +146,13 @@ class Planner:
         """The largest patch whose network fits the memory budget, and the batch size that fills it."""
         dim = len(spacing)
         n_in, n_classes = len(fingerprint.channel_names), len(fingerprint.labels)
-        topo, network, estimate = self.fit_patch(spacing, median_shape, n_in, n_classes)
+        try:
+            topo, network, estimate = self.fit_patch(spacing, median_shape, n_in, n_classes)
+        except AutosegError as exc:  # a network that cannot run on the patches this planner's topology gives
+            raise AutosegError(
+                f"configuration {name!r} of planner {self.name!r} with network {self.architecture!r}: {exc}."
+                " Fix: plan with another --network (or none: the planner's own), or another --planner"
+            ) from exc
         normalization = tuple(self.normalization_for_channel(c) for c in fingerprint.channel_names)
         return Configuration(
             name=name,
@@ -172,9 +186,7 @@ class Planner:
         topo = self.network_topology(spacing, self.initial_patch_size(spacing, median_shape))
         network = self.network_for(topo, dim)
         estimate = self.estimate_memory(network, topo.patch_size, n_in, n_classes)
-        reference, reference_batch = self.memory_reference(dim)
-        # The reference was measured at reference_batch; the plan needs room for min_batch_size.
-        while estimate / reference_batch * self.min_batch_size > reference:
+        while not self.fits_memory(estimate, dim):
             ratios = [p / m for p, m in zip(topo.patch_size, median_shape)]
             axis = max(range(dim), key=lambda d: (ratios[d], d))  # largest relative to the image; last of ties
             # Step down by the divisor the smaller patch will have, not the current one, so that no valid
@@ -211,6 +223,12 @@ class Planner:
         from autoseg.networks import feature_map_elements
 
         return feature_map_elements(network, patch_size, n_in, n_classes)
+
+    def fits_memory(self, estimate: int, dim: int) -> bool:
+        """Whether a network of this estimate leaves room for min_batch_size samples on the GPU."""
+        reference, reference_batch = self.memory_reference(dim)
+        # The reference was measured at reference_batch; the plan needs room for min_batch_size.
+        return estimate / reference_batch * self.min_batch_size <= reference
 
     def memory_reference(self, dim: int) -> tuple[float, int]:
         """(elements that fit this GPU at the reference batch size, that batch size)."""
@@ -285,6 +303,11 @@ PLANNERS: Registry[type[Planner]] = Registry("planner")
 register_planner = PLANNERS.register
 
 
-def plan_dataset(fingerprint: Fingerprint, planner: str = "default", gpu_memory_gb: float = 8.0) -> Plan:
-    """Plan with the planner registered as ``planner`` (plug-ins are loaded first)."""
-    return PLANNERS.get(planner)(gpu_memory_gb).plan(fingerprint)
+def plan_dataset(
+    fingerprint: Fingerprint,
+    planner: str = "default",
+    gpu_memory_gb: float | None = None,
+    architecture: str | None = None,
+) -> Plan:
+    """Plan with the planner registered as ``planner``; ``architecture`` replaces the planner's network."""
+    return PLANNERS.get(planner)(gpu_memory_gb, architecture).plan(fingerprint)

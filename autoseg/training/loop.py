@@ -79,6 +79,11 @@ class Run:
 
         torch.manual_seed(self.options.seed)
         self.network = trainer.build_network().to(self.device)
+        # --pretrained: loaded before the optimiser sees the weights; a resumed run's checkpoint holds them.
+        resuming = self.options.resume and (self.out / "checkpoint_latest.pt").is_file()
+        self.pretrained = None if resuming else trainer.load_pretrained(self.network)
+        if self.pretrained is not None and self.main:
+            print(f"autoseg: {self.pretrained['summary']}")
         self.ds_weights = deep_supervision_weights(self._count_outputs())
         if hasattr(self.network, "num_outputs"):  # compute no head whose loss weight is zero
             setattr(self.network, "num_outputs", sum(1 for w in self.ds_weights if w > 0))  # noqa: B010
@@ -89,7 +94,9 @@ class Run:
         if self.dist.enabled:
             self._freeze_unused_parameters()
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.network, device_ids=ids)
+            self.model = nn.parallel.DistributedDataParallel(
+                self.network, device_ids=ids, find_unused_parameters=trainer.ddp_find_unused_parameters
+            )
         if self.options.compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
 

@@ -84,6 +84,7 @@ def write_run_json(run: Run, status: str, train_ids: list[str], val_ids: list[st
         "splits_file": str(run.setup.splits_file),
         "train_cases": train_ids,
         "val_cases": val_ids,
+        "pretrained": run.pretrained,
         "early_stopping_patience": t.stopping_patience,
         "early_stopping_min_epochs": t.stopping_min_epochs,
         "epochs_done": run.position.epoch,

@@ -65,6 +65,7 @@ def checkpoint_metadata(run: Run) -> dict[str, Any]:
         "labels": run.setup.plan.labels,
         "network": serialization.to_jsonable(run.setup.configuration.network),
         "mirror_axes": list(run.spatial.mirror_axes),
+        "pretrained": run.pretrained,
         "epochs": run.trainer.num_epochs,
         "position": {key: value for key, value in asdict(p).items() if key != "records"},
         "log": [asdict(r) for r in p.records],
@@ -98,6 +99,7 @@ def restore(run: Run, path: Path) -> None:
     torch.set_rng_state(state["torch_rng"])
     if run.device.type == "cuda" and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"], run.device)
+    run.pretrained = meta.get("pretrained")  # what the run started from, kept for run.json
     try:
         run.position = Position(**meta["position"], records=read_log(meta["log"]))
     except (KeyError, TypeError) as exc:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -68,6 +68,9 @@ class TrainOptions:
     show_progress: bool = True
     early_stopping_patience: int | None = None
     early_stopping_min_epochs: int | None = None
+    # Start from these weights (--pretrained): a checkpoint, fold, model, results folder or bundle; see
+    # autoseg.training.pretrained. Ignored when resuming, where the checkpoint holds the weights.
+    pretrained: Path | str | None = None
 
     def __post_init__(self) -> None:
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
@@ -103,6 +106,9 @@ class Trainer:
     # modern GPU and a checkpoint ~0.5 s, so 5 bounds the work lost to a kill at a minute or two.
     checkpoint_every: ClassVar[int] = 5
     deep_supervision: ClassVar[bool] = True
+    # DDP's find_unused_parameters: a variant that freezes parameters after DDP wrapped the network (a frozen
+    # encoder) needs it, at the cost of one graph traversal per step; the loop freezes what it knows before.
+    ddp_find_unused_parameters: ClassVar[bool] = False
     # Early stopping on the pseudo Dice's moving average: off (None) unless a variant or
     # --early-stopping-patience sets it. The minimum is 5 time constants of the 0.9 moving average
     # (0.9^50 < 0.6 %), so the noisy first epochs cannot stop a run.
@@ -175,6 +181,17 @@ class Trainer:
             weight_decay=self.weight_decay,
             nesterov=self.nesterov,
         )
+
+    def load_pretrained(self, network: nn.Module) -> dict[str, Any] | None:
+        """Load ``options.pretrained`` into the freshly built network (not called when resuming); returns what
+        was loaded, for run.json, or None without --pretrained. A variant may load differently."""
+        if self.options.pretrained is None:
+            return None
+        from autoseg.training.pretrained import load_pretrained
+
+        setup = self.setup
+        summary = load_pretrained(network, self.options.pretrained, setup.plan, setup.configuration)
+        return summary.to_json()
 
     def build_schedule(self) -> Schedule:
         return PolyLR(self.lr)
