@@ -27,12 +27,11 @@ from autoseg.networks.registry import register_network
 from autoseg.networks.unet import (
     _CONV,
     _INSTANCE_NORM,
-    _TRANSPOSED_CONV,
     ConvNormAct,
     PlainUNet,
     check_plan,
-    conv_stack,
     init_he,
+    plain_decoder,
 )
 from autoseg.plan import NetworkPlan
 
@@ -137,7 +136,7 @@ class ResEncUNet(PlainUNet):
         # PlainUNet.__init__ is not called: it would build a plain encoder only to replace it. The layers
         # are registered here in ResidualEncoderUNet's order; everything after the encoder is PlainUNet's.
         nn.Module.__init__(self)
-        dim = check_plan(network)
+        check_plan(network)
         features, kernels, strides = network.features_per_stage, network.kernel_sizes, network.strides
         self.deep_supervision = deep_supervision
         self.num_outputs: int | None = None  # None: every decoder stage's output
@@ -148,17 +147,8 @@ class ResEncUNet(PlainUNet):
         for n_blocks, out_channels, kernel, stride in zip(network.n_conv_per_stage, features, kernels, strides):
             encoder.append(residual_stage(n_blocks, in_channels, out_channels, kernel, stride))
             in_channels = out_channels
-        decoder, upsample, heads = [], [], []
-        for i, n_conv in enumerate(network.n_conv_per_stage_decoder):  # lowest resolution first
-            skip = network.num_stages - 2 - i
-            stride = strides[skip + 1]
-            upsample.append(_TRANSPOSED_CONV[dim](features[skip + 1], features[skip], stride, stride, bias=True))
-            decoder.append(conv_stack(n_conv, 2 * features[skip], features[skip], kernels[skip]))
-            heads.append(_CONV[dim](features[skip], num_classes, 1, 1, 0, bias=True))
         self.encoder = nn.ModuleList(encoder)
-        self.decoder = nn.ModuleList(decoder)
-        self.upsample = nn.ModuleList(upsample)
-        self.heads = nn.ModuleList(heads)
+        self.decoder, self.upsample, self.heads = plain_decoder(network, num_classes)
         self.apply(lambda m: init_he(m, self.negative_slope))
         self.apply(zero_last_norm)
 

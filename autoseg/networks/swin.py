@@ -54,7 +54,15 @@ from torch import nn
 
 from autoseg.errors import AutosegError
 from autoseg.networks.registry import register_network
-from autoseg.networks.unet import _CONV, _INSTANCE_NORM, _TRANSPOSED_CONV, ConvNormAct, check_plan, init_he
+from autoseg.networks.unet import (
+    _CONV,
+    _INSTANCE_NORM,
+    _TRANSPOSED_CONV,
+    ConvNormAct,
+    DeepSupervisionOutputs,
+    check_plan,
+    init_he,
+)
 from autoseg.plan import NetworkPlan
 
 # --- windows ---------------------------------------------------------------------------------------
@@ -253,7 +261,7 @@ def heads_for(channels: int, head_channels: int) -> int:
 
 
 @register_network("swin_unet")
-class SwinUNet(nn.Module):
+class SwinUNet(DeepSupervisionOutputs, nn.Module):
     """Swin-transformer encoder, residual conv decoder (SwinUNETR-like), 2D or 3D, shaped by the plan.
 
     ``forward`` returns, with ``deep_supervision`` on, one logits tensor per decoder stage, full resolution
@@ -320,16 +328,6 @@ class SwinUNet(nn.Module):
                 nn.init.zeros_(module.bias)
         if isinstance(module, WindowAttention) and not module.relative_bias.is_meta:
             nn.init.trunc_normal_(module.relative_bias, std=self.linear_init_std)
-
-    @property
-    def max_outputs(self) -> int:
-        """Outputs with deep supervision on: one per decoder stage."""
-        return len(self.heads)
-
-    def wanted_outputs(self) -> int:
-        if not self.deep_supervision:
-            return 1
-        return self.max_outputs if self.num_outputs is None else max(1, min(self.num_outputs, self.max_outputs))
 
     def check_patch(self, spatial: Sequence[int]) -> None:
         divisor = self.shape_must_be_divisible_by

@@ -92,8 +92,41 @@ def check_plan(network: NetworkPlan) -> int:
     return dim
 
 
+def plain_decoder(network: NetworkPlan, num_classes: int) -> tuple[nn.ModuleList, nn.ModuleList, nn.ModuleList]:
+    """PlainConvUNet's decoder, lowest resolution first: (conv stacks, transposed convs, 1x1 heads)."""
+    dim = len(network.kernel_sizes[0])
+    features, kernels, strides = network.features_per_stage, network.kernel_sizes, network.strides
+    decoder, upsample, heads = [], [], []
+    for i, n_conv in enumerate(network.n_conv_per_stage_decoder):
+        skip = network.num_stages - 2 - i
+        stride = strides[skip + 1]
+        upsample.append(_TRANSPOSED_CONV[dim](features[skip + 1], features[skip], stride, stride, bias=True))
+        decoder.append(conv_stack(n_conv, 2 * features[skip], features[skip], kernels[skip]))
+        heads.append(_CONV[dim](features[skip], num_classes, 1, 1, 0, bias=True))
+    return nn.ModuleList(decoder), nn.ModuleList(upsample), nn.ModuleList(heads)
+
+
+class DeepSupervisionOutputs:
+    """How many outputs a U-Net computes: one per decoder stage with deep supervision, else the last only;
+    ``num_outputs`` (set by the training loop) skips the lowest-resolution heads whose loss weight is zero."""
+
+    heads: nn.ModuleList
+    deep_supervision: bool
+    num_outputs: int | None
+
+    @property
+    def max_outputs(self) -> int:
+        """Outputs with deep supervision on: one per decoder stage."""
+        return len(self.heads)
+
+    def wanted_outputs(self) -> int:
+        if not self.deep_supervision:
+            return 1
+        return self.max_outputs if self.num_outputs is None else max(1, min(self.num_outputs, self.max_outputs))
+
+
 @register_network("plain_unet")
-class PlainUNet(nn.Module):
+class PlainUNet(DeepSupervisionOutputs, nn.Module):
     """nnU-Net v2's plain convolutional U-Net (PlainConvUNet), 2D or 3D from the plan's kernel sizes.
 
     ``forward`` returns, with ``deep_supervision`` on, a list of logits with the full resolution first
@@ -112,7 +145,7 @@ class PlainUNet(nn.Module):
         self, network: NetworkPlan, num_input_channels: int, num_classes: int, deep_supervision: bool = True
     ) -> None:
         super().__init__()
-        dim = check_plan(network)
+        check_plan(network)
         features, kernels, strides = network.features_per_stage, network.kernel_sizes, network.strides
         self.deep_supervision = deep_supervision
         self.num_outputs: int | None = None  # None: every decoder stage's output
@@ -122,17 +155,8 @@ class PlainUNet(nn.Module):
         for n_conv, out_channels, kernel, stride in zip(network.n_conv_per_stage, features, kernels, strides):
             encoder.append(conv_stack(n_conv, in_channels, out_channels, kernel, stride))
             in_channels = out_channels
-        decoder, upsample, heads = [], [], []
-        for i, n_conv in enumerate(network.n_conv_per_stage_decoder):  # lowest resolution first
-            skip = network.num_stages - 2 - i
-            stride = strides[skip + 1]
-            upsample.append(_TRANSPOSED_CONV[dim](features[skip + 1], features[skip], stride, stride, bias=True))
-            decoder.append(conv_stack(n_conv, 2 * features[skip], features[skip], kernels[skip]))
-            heads.append(_CONV[dim](features[skip], num_classes, 1, 1, 0, bias=True))
         self.encoder = nn.ModuleList(encoder)
-        self.decoder = nn.ModuleList(decoder)
-        self.upsample = nn.ModuleList(upsample)
-        self.heads = nn.ModuleList(heads)
+        self.decoder, self.upsample, self.heads = plain_decoder(network, num_classes)
         self.apply(lambda m: init_he(m, self.negative_slope))
 
     @property
@@ -143,16 +167,6 @@ class PlainUNet(nn.Module):
     def encoder_parameters(self) -> Iterator[nn.Parameter]:
         """What a fine-tuning trainer freezes: every parameter outside the decoder (a subclass's stem too)."""
         return (p for name, p in self.named_parameters() if not name.startswith(self.decoder_prefixes))
-
-    @property
-    def max_outputs(self) -> int:
-        """Outputs with deep supervision on: one per decoder stage."""
-        return len(self.heads)
-
-    def wanted_outputs(self) -> int:
-        if not self.deep_supervision:
-            return 1
-        return self.max_outputs if self.num_outputs is None else max(1, min(self.num_outputs, self.max_outputs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         spatial = tuple(x.shape[2:])
