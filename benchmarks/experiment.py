@@ -18,9 +18,12 @@ from autoseg.example import CaseInfo
 AUTOSEG = [sys.executable, "-m", "autoseg", "-q"]
 
 
+PLUGINS: list[str] = []  # plug-in files given to every command (``--plugins``), e.g. a trainer variant to compare
+
+
 def run(*args: str) -> float:
     """Run one ``autoseg`` command; returns its wall time in seconds (a failure stops the benchmark)."""
-    command = [*AUTOSEG, *args]
+    command = [*AUTOSEG, *(a for plugin in PLUGINS for a in ("--plugins", plugin)), *args]
     print("$", " ".join(command[2:]), flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True)
@@ -31,9 +34,31 @@ def train_fold(
     raw: Path, pre: Path, results: Path, trainer: str, budget: Sequence[str], planner: str = "default",
     extra: Sequence[str] = (),
 ) -> float:  # fmt: skip
-    """Train fold 0 of ``3d_fullres`` with ``trainer``; returns the seconds it took."""
+    """Train fold 0 of ``3d_fullres`` with ``trainer``; returns the seconds it took (NaN when ``REUSE`` found
+    the same run finished)."""
+    fold = results / raw.name / f"{trainer}__{planner}__3d_fullres" / "fold_0"
+    if REUSE and _finished_with(fold, budget):
+        print(f"reusing {fold}", flush=True)
+        return float("nan")
     return run("train", str(raw), "3d_fullres", "0", "--trainer", trainer, "--planner", planner,
                "--preprocessed", str(pre), "--results", str(results), "--overwrite", *budget, *extra)  # fmt: skip
+
+
+REUSE = False  # --reuse: keep a fold that finished with the same budget instead of training it again
+
+
+def _finished_with(fold: Path, budget: Sequence[str]) -> bool:
+    """The fold finished, and its run.json has the epochs and iterations ``budget`` asks for."""
+    try:
+        record = json.loads((fold / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    wanted = dict(zip(budget[::2], budget[1::2]))
+    return (
+        record.get("status") == "finished"
+        and str(record.get("epochs")) == wanted.get("--epochs")
+        and str(record.get("iterations_per_epoch")) == wanted.get("--iterations-per-epoch")
+    )
 
 
 def predict_and_score(

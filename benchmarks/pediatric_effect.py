@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import experiment
 from experiment import foreground_dice_per_case, group_means, predict_and_score, print_table, run, train_fold
 
 from autoseg.example import case_ids, make_case_with_info, make_example_dataset
@@ -45,7 +46,11 @@ def main() -> None:
         "--train-contrast", choices=["adult", "isointense", "inverted"],
         help="train on this contrast regime only and test on a separate mixed dataset (default: mixed training)",
     )  # fmt: skip
+    parser.add_argument("--plugins", nargs="+", default=[], metavar="FILE", help="plug-in files (trainer variants)")
+    parser.add_argument("--reuse", action="store_true", help="keep folds that finished with the same budget")
     args = parser.parse_args()
+    experiment.PLUGINS[:] = [str(Path(f).resolve()) for f in args.plugins]
+    experiment.REUSE = args.reuse
 
     out = Path(args.out)
     if args.train_contrast is None:

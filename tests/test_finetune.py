@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import autoseg.trainers.finetune  # noqa: F401  (registers "finetune" until the entry point lists it)
 import pytest
 import torch
 from conftest import write_dataset

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from autoseg.trainers.pediatric import PediatricTrainer  # registers "pediatric" until pyproject lists it
+from autoseg.trainers.pediatric import PediatricTrainer
 from batchgenerators.transforms.abstract_transforms import Compose
 
 from autoseg.augment import AugmentationParams, ComposeAugmenter, spatial_setup, train_augmenter
