@@ -25,8 +25,7 @@ from torch import nn
 
 from autoseg.networks.registry import register_network
 from autoseg.networks.unet import (
-    _CONV,
-    _INSTANCE_NORM,
+    ConvNorm,
     ConvNormAct,
     PlainUNet,
     check_plan,
@@ -36,27 +35,6 @@ from autoseg.networks.unet import (
 from autoseg.plan import NetworkPlan
 
 _AVG_POOL: dict[int, type[nn.Module]] = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
-
-
-class ConvNorm(nn.Sequential):
-    """conv -> InstanceNorm with 'same' padding and no activation: ConvDropoutNormReLU with nonlin=None."""
-
-    norm: nn.Module  # declared so that zero_last_norm may ask for its parameters
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: Sequence[int],
-        stride: Sequence[int] = (),
-        bias: bool = True,
-    ) -> None:
-        dim = len(kernel_size)
-        stride = tuple(stride) or (1,) * dim
-        padding = tuple((k - 1) // 2 for k in kernel_size)
-        super().__init__()
-        self.conv = _CONV[dim](in_channels, out_channels, tuple(kernel_size), stride, padding, bias=bias)
-        self.norm = _INSTANCE_NORM[dim](out_channels, eps=ConvNormAct.norm_eps, affine=True)
 
 
 class BasicBlockD(nn.Module):

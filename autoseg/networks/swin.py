@@ -56,8 +56,8 @@ from autoseg.errors import AutosegError
 from autoseg.networks.registry import register_network
 from autoseg.networks.unet import (
     _CONV,
-    _INSTANCE_NORM,
     _TRANSPOSED_CONV,
+    ConvNorm,
     ConvNormAct,
     DeepSupervisionOutputs,
     check_plan,
@@ -228,21 +228,16 @@ class ResidualConvBlock(nn.Module):
         super().__init__()
         dim = len(kernel_size)
         stride = tuple(stride) or (1,) * dim
-        padding = tuple((k - 1) // 2 for k in kernel_size)
         self.conv1 = ConvNormAct(in_channels, out_channels, kernel_size, stride)
-        self.conv2 = _CONV[dim](out_channels, out_channels, tuple(kernel_size), 1, padding, bias=True)
-        self.norm2 = _INSTANCE_NORM[dim](out_channels, eps=ConvNormAct.norm_eps, affine=True)
+        self.conv2 = ConvNorm(out_channels, out_channels, kernel_size)
         self.shortcut: nn.Module | None = None
         if in_channels != out_channels or any(s != 1 for s in stride):
-            self.shortcut = nn.Sequential(
-                _CONV[dim](in_channels, out_channels, 1, stride, 0, bias=True),
-                _INSTANCE_NORM[dim](out_channels, eps=ConvNormAct.norm_eps, affine=True),
-            )
+            self.shortcut = ConvNorm(in_channels, out_channels, (1,) * dim, stride)
         self.act = nn.LeakyReLU(ConvNormAct.negative_slope, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.shortcut is None else self.shortcut(x)
-        return self.act(self.norm2(self.conv2(self.conv1(x))) + residual)
+        return self.act(self.conv2(self.conv1(x)) + residual)
 
     def conv_outputs(self) -> int:
         """Conv outputs per output voxel, per channel: two convs, plus the shortcut's."""
@@ -361,7 +356,7 @@ class SwinUNet(DeepSupervisionOutputs, nn.Module):
         """The weights that see the input channels: the conv stem's two entries and the patch embedding."""
         names = ["stem.conv1.conv.weight", "patch_embed.weight"]
         if self.stem.shortcut is not None:
-            names.append("stem.shortcut.0.weight")
+            names.append("stem.shortcut.conv.weight")
         return tuple(names)
 
     def encoder_parameters(self) -> Iterator[nn.Parameter]:

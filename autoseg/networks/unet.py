@@ -45,6 +45,27 @@ class ConvNormAct(nn.Sequential):
         self.act = nn.LeakyReLU(self.negative_slope, inplace=True)
 
 
+class ConvNorm(nn.Sequential):
+    """conv -> InstanceNorm with 'same' padding and no activation: ConvDropoutNormReLU with nonlin=None."""
+
+    norm: nn.Module  # declared so that zero_last_norm may ask for its parameters
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Sequence[int],
+        stride: Sequence[int] = (),
+        bias: bool = True,
+    ) -> None:
+        dim = len(kernel_size)
+        stride = tuple(stride) or (1,) * dim
+        padding = tuple((k - 1) // 2 for k in kernel_size)
+        super().__init__()
+        self.conv = _CONV[dim](in_channels, out_channels, tuple(kernel_size), stride, padding, bias=bias)
+        self.norm = _INSTANCE_NORM[dim](out_channels, eps=ConvNormAct.norm_eps, affine=True)
+
+
 def conv_stack(
     n_convs: int, in_channels: int, out_channels: int, kernel_size: Sequence[int], stride: Sequence[int] = ()
 ) -> nn.Sequential:
