@@ -91,6 +91,23 @@ def _add_early_stopping(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _add_speed(p: argparse.ArgumentParser) -> None:
+    """How the training step runs: compilation, CUDA graphs, where the augmentation runs."""
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile the network (default: on for CUDA, off elsewhere; its warm-up is timed apart)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cuda-graphs", action="store_true",
+        help="replay the compiled step as CUDA graphs (torch.compile mode reduce-overhead; CUDA, static shapes)",
+    )  # fmt: skip
+    p.add_argument(
+        "--augmentation", choices=["cpu", "device"],
+        help="where the training augmentation runs: cpu (worker processes) or device (torch ops beside the step;"
+        " workers only cut patches); default: device on CUDA, cpu elsewhere",
+    )  # fmt: skip
+
+
 def train_options(args: argparse.Namespace) -> Any:
     """TrainOptions from the training flags a command has (``train``, ``plan-and-train``); absent ones default."""
     from autoseg.training.trainer import TrainOptions
@@ -107,7 +124,9 @@ def train_options(args: argparse.Namespace) -> Any:
         num_workers=flag("num_workers"),
         seed=flag("seed", 0),
         device=flag("device"),
-        compile=flag("compile", False),
+        compile=flag("compile"),
+        cuda_graphs=flag("cuda_graphs", False),
+        augmentation=flag("augmentation"),
         fast_dev_run=flag("fast_dev_run", False),
         resume=flag("resume", False),
         overwrite=flag("overwrite", False),
@@ -455,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and sampling (default: 0)")
     p.add_argument("--device", metavar="DEV", help="cuda, cuda:1, mps or cpu (default: CUDA, then MPS, then CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA; slow first step)")
+    _add_speed(p)
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest (a larger --epochs extends)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in the fold folder")
     p.add_argument("--save-probabilities", action="store_true", help="also save validation class probabilities")
@@ -492,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
         "early_stopping": _add_early_stopping,
         "pretrained": _add_pretrained,
         "like": _add_like,
+        "speed": _add_speed,
     }
     add_model_commands(sub, _command, common)
     from autoseg.cli_pretrain import add_pretrain_command

@@ -110,6 +110,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         save_probabilities=args.save_probabilities, skip_existing=args.continue_, device=args.device,
         step_size=args.step_size, num_workers=args.num_workers, show_progress=not args.quiet,
         cpu_bf16=False if args.fp32 else None, save_uncertainty=args.save_uncertainty,
+        device_preprocessing=args.device_preprocessing,
     )  # fmt: skip
     seconds = time.perf_counter() - started
     print(f"{len(written)} case(s) written to {args.output} in {seconds:.1f} s")
@@ -180,7 +181,7 @@ def add_model_commands(
     p.add_argument("--device", metavar="DEV", help="cuda, cuda:1, mps or cpu (default: CUDA, then MPS, then CPU)")
     p.add_argument("--gpus", type=int, metavar="N", help="train folds side by side on GPUs 0..N-1, one fold each")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and sampling (default: 0)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA; slow first step)")
+    common["speed"](p)
     p.add_argument("--fast-dev-run", action="store_true", help="2 epochs of 2 iterations per fold: checks the set-up")
     common["early_stopping"](p)
     common["workers"](p)
@@ -222,6 +223,10 @@ def add_model_commands(
     p.add_argument(
         "--fp32", action="store_true",
         help="on a CPU, predict in float32 (default: bf16 where the CPU has native bf16, about twice as fast)",
+    )  # fmt: skip
+    p.add_argument(
+        "--device-preprocessing", action=argparse.BooleanOptionalAction, default=None,
+        help="normalise and resample each case on the device; the CPU only reads and crops (default: on for CUDA)",
     )  # fmt: skip
     common["workers"](p)
 

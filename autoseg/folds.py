@@ -96,9 +96,13 @@ def _train_argv(
     for flag, value in numeric.items():
         if value is not None:
             argv += [flag, str(value)]
+    if options.compile is not None:
+        argv.append("--compile" if options.compile else "--no-compile")
+    if options.augmentation is not None:
+        argv += ["--augmentation", options.augmentation]
     switches = {
         "--resume": options.resume,
-        "--compile": options.compile,
+        "--cuda-graphs": options.cuda_graphs,
         "--fast-dev-run": options.fast_dev_run,
         "--save-probabilities": options.save_probabilities,
         "--no-tta": not options.validation_mirroring,

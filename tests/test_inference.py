@@ -301,6 +301,27 @@ def test_export_returns_to_the_original_geometry(preprocessed, tmp_path):
     assert not [p for p in (tmp_path / "predictions").rglob(".*")]  # no temporary files left behind
 
 
+def test_export_on_the_device_equals_the_cpu_export(preprocessed, tmp_path):
+    """Whole-case validation on a GPU restores with the predictor's torch path; same files as the CPU's."""
+    from autoseg.inference.export import export_prediction_torch
+
+    _root, folders, plan = preprocessed
+    for name in folders:
+        configuration = plan.configuration(name)
+        for case_id in ("case00", "case01"):
+            logits, properties = one_hot_logits(folders[name], case_id, len(plan.labels))
+            noisy = logits + np.random.default_rng(1).normal(0, 3, logits.shape).astype(np.float32)
+            cpu, torch_out = tmp_path / "cpu" / name / f"{case_id}.nii.gz", tmp_path / "t" / name / f"{case_id}.nii.gz"
+            export_prediction(noisy, properties, plan, configuration, cpu, save_probabilities=True)
+            export_prediction_torch(torch.from_numpy(noisy.copy()), properties, plan, configuration, torch_out, True)
+            a, b = read_image(cpu)[0], read_image(torch_out)[0]
+            assert a.shape == b.shape and (a != b).mean() < 1e-3, (name, case_id)  # near-ties may flip
+            pa, pb = (np.load(probabilities_files(f)[0])["probabilities"].astype(np.float32) for f in (cpu, torch_out))
+            assert np.abs(pa - pb).max() < 2e-3
+    with pytest.raises(AutosegError, match="logits of shape"):
+        export_prediction_torch(torch.zeros(1, 2, 2, 2), properties, plan, configuration, tmp_path / "bad.nii.gz")
+
+
 def test_export_maps_channels_to_sorted_label_values_and_checks_the_shape(preprocessed, tmp_path):
     _root, folders, plan = preprocessed
     configuration = plan.configuration("3d_fullres")

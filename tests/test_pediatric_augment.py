@@ -233,3 +233,10 @@ def test_pediatric_chain_runs_and_keeps_shapes(patch):
     assert np.all(np.isfinite(out_image)) and set(np.unique(out_label)) <= {-1, 0, 1, 2}
     again = augment(image.copy(), label.copy(), seed=3)
     assert np.array_equal(out_image, again[0]) and np.array_equal(out_label, again[1])
+
+
+def test_thick_slices_on_an_axis_shorter_than_the_offset() -> None:
+    """Offset 4 of factor 5 on 2 slices: no slab starts inside the axis, so the whole axis is one slab."""
+    image = np.arange(6.0).reshape(2, 3)
+    out = simulate_thick_slices(image, axis=0, factor=5, order=0, offset=4)
+    assert np.array_equal(out, np.broadcast_to(image.mean(axis=0), image.shape))

@@ -160,7 +160,7 @@ def simulate_thick_slices(image: np.ndarray, axis: int, factor: int, order: int 
     """
     n = image.shape[axis]
     starts = np.arange(offset % factor, n, factor)
-    if starts[0] != 0:
+    if len(starts) == 0 or starts[0] != 0:  # an axis shorter than the offset: one slab from 0
         starts = np.concatenate([[0], starts])
     stops = np.append(starts[1:], n)
     counts = stops - starts

@@ -338,3 +338,68 @@ def train_augmenter(
 
 def validation_augmenter() -> ComposeAugmenter:
     return ComposeAugmenter(validation_transforms())
+
+
+class EpochAugmenters:
+    """A ``BatchAugmenter`` per phase of training: ``at(epoch)`` gives the one of that epoch.
+
+    Built from the trainer's ``epoch_augmentations`` for every epoch: consecutive epochs with equal
+    parameters share one augmenter, so a schedule with two phases builds two chains, whatever the budget.
+    Epochs past the last phase (a budget raised on resume) keep the last phase's augmenter.
+    """
+
+    def __init__(self, phases: Sequence[tuple[int, AugmentationParams, BatchAugmenter]]) -> None:
+        if not phases or phases[0][0] != 0:
+            raise ValueError("the first phase must start at epoch 0")
+        self.phases = tuple(phases)
+
+    @classmethod
+    def build(
+        cls,
+        patch_size: Sequence[int],
+        params_by_epoch: Sequence[AugmentationParams],
+        make: Any = None,
+    ) -> EpochAugmenters:
+        """One phase per run of equal parameters in ``params_by_epoch`` (one entry per epoch). Every phase
+        must cut the same sample (``spatial_setup``); ``make(patch_size, setup, params)`` builds an augmenter
+        (default: ``train_augmenter``)."""
+        make = make or train_augmenter
+        if not params_by_epoch:
+            raise ValueError("params_by_epoch is empty: give the parameters of at least one epoch")
+        setup = spatial_setup(patch_size, params_by_epoch[0])
+        phases: list[tuple[int, AugmentationParams, BatchAugmenter]] = []
+        for epoch, params in enumerate(params_by_epoch):
+            if phases and params == phases[-1][1]:
+                continue
+            other = spatial_setup(patch_size, params)
+            if other != setup:
+                from autoseg.errors import AutosegError
+
+                raise AutosegError(
+                    f"the augmentation of epoch {epoch} cuts a sample of {other.sample_size} (rotation"
+                    f" {other.rotation_rad}), epoch 0 one of {setup.sample_size} (rotation {setup.rotation_rad});"
+                    " a schedule may change probabilities and ranges, but not the rotation ranges or"
+                    " sample_size_scale_range, which size the sample the loader cuts"
+                )
+            phases.append((epoch, params, make(patch_size, setup, params)))
+        return cls(phases)
+
+    def at(self, epoch: int) -> BatchAugmenter:
+        chosen = self.phases[0][2]
+        for first, _, augmenter in self.phases:
+            if epoch < first:
+                break
+            chosen = augmenter
+        return chosen
+
+    def params_at(self, epoch: int) -> AugmentationParams:
+        chosen = self.phases[0][1]
+        for first, params, _ in self.phases:
+            if epoch < first:
+                break
+            chosen = params
+        return chosen
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first phase's augmentation (a caller that does not know the epoch)."""
+        return self.phases[0][2](image, label, seed)

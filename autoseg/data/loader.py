@@ -23,7 +23,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from autoseg.augment.pipeline import BatchAugmenter
+from autoseg.augment.pipeline import BatchAugmenter, EpochAugmenters
 from autoseg.data.sampling import PatchSampler
 
 
@@ -39,7 +39,12 @@ class _BatchDataset(Dataset[dict[str, Any]]):
     """Item ``i`` is the whole batch with global index ``i``."""
 
     def __init__(
-        self, sampler: PatchSampler, augmenter: BatchAugmenter, iterations_per_epoch: int, seed: int, rank: int
+        self,
+        sampler: PatchSampler,
+        augmenter: BatchAugmenter | EpochAugmenters,
+        iterations_per_epoch: int,
+        seed: int,
+        rank: int,
     ) -> None:
         self.sampler = sampler
         self.augmenter = augmenter
@@ -51,7 +56,8 @@ class _BatchDataset(Dataset[dict[str, Any]]):
         epoch, iteration = divmod(index, self.iterations_per_epoch)
         rng, augment_seed = batch_random(self.seed, self.rank, epoch, iteration)
         image, label, keys = self.sampler.sample(rng)
-        image, label = self.augmenter(image, label, augment_seed)
+        augmenter = self.augmenter.at(epoch) if isinstance(self.augmenter, EpochAugmenters) else self.augmenter
+        image, label = augmenter(image, label, augment_seed)
         return {
             "image": torch.from_numpy(image),
             "label": torch.from_numpy(label[:, 0]),
@@ -102,7 +108,7 @@ class BatchLoader:
     def __init__(
         self,
         sampler: PatchSampler,
-        augmenter: BatchAugmenter,
+        augmenter: BatchAugmenter | EpochAugmenters,
         iterations_per_epoch: int,
         num_workers: int,
         seed: int,

@@ -3,7 +3,9 @@
 While the device predicts case i, reader threads read and preprocess case i+1 (and further ahead with
 more workers), and a writer thread postprocesses and writes case i-1. Reading (SimpleITK), resampling
 (BLAS) and the network (torch) release the GIL, so the threads run side by side. Memory stays bounded:
-at most ``num_workers`` cases are read ahead and ``MAX_PENDING_WRITES`` wait to be written.
+at most ``num_workers`` cases are read ahead and ``MAX_PENDING_WRITES`` wait to be written. With the
+predictor's ``device_preprocessing`` (the default on CUDA) the reader threads only read and crop; normalisation
+and resampling run with the network on the device.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ range, then the thick axis with ``out_of_plane_order``. Here the very same matri
 the device once per case (``ProbabilityResampler``) and applied to one class channel at a time with
 ``torch.matmul`` / ``index_select``, so a 14-class CT needs one full-resolution channel on the device at a
 time, not fourteen. The results equal the CPU path's to float32 rounding (tests/test_predict.py).
+The resampler takes any ``order``: ``autoseg.inference.preprocess_torch`` resamples the image itself with
+it (``plan.image_order``), as ``resample_image`` does on the CPU.
 
 On CUDA, matmuls follow ``torch.backends.cuda.matmul.allow_tf32``; with TF32 on (not torch's default) the
 interpolation weights lose precision to ~1e-3, which moves only near-tied argmaxes.

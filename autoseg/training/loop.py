@@ -97,11 +97,20 @@ class Run:
             self.model = nn.parallel.DistributedDataParallel(
                 self.network, device_ids=ids, find_unused_parameters=trainer.ddp_find_unused_parameters
             )
-        if self.options.compile:
-            self.model = torch.compile(self.model)  # type: ignore[assignment]
+        self.compile = _should_compile(self.options.compile, self.device, self.main)
+        self.cuda_graphs = self.options.cuda_graphs and self.compile and self.device.type == "cuda"
+        if self.options.cuda_graphs and not self.cuda_graphs and self.main:
+            print("autoseg: --cuda-graphs needs a CUDA device and torch.compile; training without CUDA graphs")
+        if self.compile:
+            mode = "reduce-overhead" if self.cuda_graphs else None
+            self.model = torch.compile(self.model, mode=mode)  # type: ignore[assignment]
 
-        self.params = trainer.train_augmentations()
+        self.params = trainer.epoch_augmentations(0)
         self.spatial = spatial_setup(self.setup.configuration.patch_size, self.params)
+        self.augmentation_phases: list[tuple[int, Any]] = []  # (first epoch, params) of a schedule
+        # where the augmentation runs; _loaders may fall back to "cpu" (augmentation_note says why)
+        self.augmentation_device = self.options.augmentation or ("device" if self.device.type == "cuda" else "cpu")
+        self.augmentation_note: str | None = None
         self.position = Position()
         self.compile_seconds: float | None = None
 
@@ -133,8 +142,9 @@ class Run:
         return fold_cases(splits, self.setup.fold, self.setup.splits_file)
 
     def _loaders(self, train_ids: list[str], val_ids: list[str]) -> tuple[Any, Any]:
-        from autoseg.augment.pipeline import train_augmenter, validation_augmenter
+        from autoseg.augment.pipeline import EpochAugmenters, validation_augmenter
         from autoseg.data.cases import PreprocessedCases
+        from autoseg.data.device_batches import DeviceBatches
         from autoseg.data.loader import BatchLoader
         from autoseg.data.sampling import PatchSampler
 
@@ -156,15 +166,41 @@ class Run:
         val_sampler = PatchSampler(
             cases, val_ids, conf.patch_size, conf.patch_size, batch, self.trainer.oversample_foreground, foreground
         )
-        train_aug = train_augmenter(conf.patch_size, self.spatial, self.params)
+        by_epoch = [self.trainer.epoch_augmentations(e) for e in range(self.trainer.num_epochs)]
+        device_augmenters = self._device_augmenters(by_epoch)
+        if device_augmenters is not None:  # the workers only cut samples; the device augments them
+            phases = device_augmenters.phases
+            worker_aug: Any = validation_augmenter()
+        else:
+            cpu_augmenters = EpochAugmenters.build(conf.patch_size, by_epoch)
+            phases, worker_aug = cpu_augmenters.phases, cpu_augmenters
+        self.augmentation_phases = [(first, params) for first, params, _ in phases]
         val_aug = validation_augmenter()
-        seed = self.options.seed
+        seed, rank = self.options.seed, self.dist.rank
         # Validation batches get their own stream: the same seed with a different rank tag.
-        train = BatchLoader(train_sampler, train_aug, self.trainer.num_iterations, workers, seed, self.dist.rank, pin)
-        val = BatchLoader(
-            val_sampler, val_aug, self.trainer.num_val_iterations, workers // 2, seed + 1, self.dist.rank, pin
+        train = BatchLoader(train_sampler, worker_aug, self.trainer.num_iterations, workers, seed, rank, pin)
+        val = BatchLoader(val_sampler, val_aug, self.trainer.num_val_iterations, workers // 2, seed + 1, rank, pin)
+        return (
+            DeviceBatches(train, self.device, device_augmenters, seed, rank),
+            DeviceBatches(val, self.device),
         )
-        return train, val
+
+    def _device_augmenters(self, by_epoch: list[Any]) -> Any:
+        """The device twins of every augmentation phase, or None to augment on the CPU (``augmentation_note``
+        says why when device augmentation was asked for but cannot run)."""
+        if self.augmentation_device != "device":
+            return None
+        from autoseg.augment.device import DeviceAugmenter, unsupported
+        from autoseg.augment.pipeline import EpochAugmenters
+
+        reasons = {reason for reason in map(unsupported, by_epoch) if reason}
+        if reasons:
+            self.augmentation_device = "cpu"
+            self.augmentation_note = "; ".join(sorted(reasons))
+            if self.main:
+                print(f"autoseg: augmenting on the CPU instead of the device: {self.augmentation_note}")
+            return None
+        return EpochAugmenters.build(self.setup.configuration.patch_size, by_epoch, make=DeviceAugmenter)
 
     # -- the loop ----------------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -173,13 +209,20 @@ class Run:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _to_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        # DeviceBatches already moved (and maybe augmented) the batch; this only covers direct callers
         image = batch["image"].to(self.device, non_blocking=True)
         label = batch["label"].to(self.device, non_blocking=True).long()
         return image, label
 
+    def _mark_step(self) -> None:
+        """With CUDA graphs, tell torch a new step begins: the previous step's graph outputs may be reused."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
     def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
         image, label = self._to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
+        self._mark_step()
         with self._autocast():
             outputs = self.model(image)
             loss = self.loss(outputs, label)
@@ -199,6 +242,7 @@ class Run:
         from autoseg.losses import tp_fp_fn
 
         image, label = self._to_device(batch)
+        self._mark_step()
         with torch.no_grad(), self._autocast():
             outputs = self.model(image)
             loss = self.loss(outputs, label)
@@ -219,6 +263,7 @@ class Run:
         self.model.train()
         total = self.trainer.num_iterations
         losses: list[torch.Tensor] = []
+        shown = _LossReadout(self.device)
         bar = tqdm(
             total=total,
             initial=pos.iteration,
@@ -230,15 +275,17 @@ class Run:
         )
         try:
             for i, batch in enumerate(loader.epoch(epoch, start=pos.iteration), start=pos.iteration):
-                first_compiled_step = self.options.compile and self.compile_seconds is None
+                first_compiled_step = self.compile and self.compile_seconds is None
                 started = time.perf_counter()
                 losses.append(self.train_step(batch))
                 if first_compiled_step:  # the compilation's warm-up, reported apart from the epoch times
                     self.compile_seconds = time.perf_counter() - started
                 pos.iteration = i + 1
                 bar.update(1)
-                if (i + 1) % 10 == 0 or i + 1 == total:  # one host sync per 10 steps, not per step
-                    recent = torch.stack(losses[-10:]).mean().item()
+                if (i + 1) % 10 == 0:  # the shown loss is copied without blocking and read once it arrived
+                    shown.request(torch.stack(losses[-10:]).mean())
+                recent = shown.ready()
+                if recent is not None:
                     bar.set_postfix(loss=f"{recent:.4f}")
         finally:
             # Kept on the position so that a checkpoint written after an interrupt (here or during the
@@ -372,6 +419,51 @@ class Run:
             summary = predict_and_evaluate(self, ids)
         self.dist.barrier()
         return summary
+
+
+class _LossReadout:
+    """The progress bar's loss without a host synchronisation inside the step loop.
+
+    ``request`` queues a copy of a device scalar into pinned host memory behind the work already queued;
+    ``ready`` returns the value once the copy has arrived (a CUDA event query, which never blocks), else
+    None. On a CPU the copy is immediate.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._host = torch.zeros((), dtype=torch.float32, pin_memory=self.cuda)
+        self._event: Any = None
+        self._pending = False
+
+    def request(self, value: torch.Tensor) -> None:
+        if self._pending:  # the previous copy has not arrived yet: skip this one rather than wait
+            return
+        self._host.copy_(value.detach().float(), non_blocking=self.cuda)
+        if self.cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._pending = True
+
+    def ready(self) -> float | None:
+        if not self._pending or (self._event is not None and not self._event.query()):
+            return None
+        self._pending = False
+        return float(self._host)
+
+
+def _should_compile(asked: bool | None, device: torch.device, verbose: bool) -> bool:
+    """--compile / --no-compile, else on for CUDA where torch.compile's GPU backend (triton) is installed."""
+    if asked is not None:
+        return asked
+    if device.type != "cuda":
+        return False
+    from torch.utils._triton import has_triton
+
+    if not has_triton():
+        if verbose:
+            print("autoseg: training without torch.compile: triton is not installed (pip install triton)")
+        return False
+    return True
 
 
 def _import_modules_used_later() -> None:

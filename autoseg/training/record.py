@@ -71,13 +71,18 @@ def write_run_json(run: Run, status: str, train_ids: list[str], val_ids: list[st
         "mirror_axes": list(run.spatial.mirror_axes),
         "dummy_2d_augmentation": run.spatial.do_dummy_2d,
         "augmentation": serialization.to_jsonable(run.params),
+        # a scheduled augmentation (epoch_augmentations): from which epoch on which values differ from epoch 0's
+        "augmentation_schedule": _schedule(run.params, run.augmentation_phases),
         "deep_supervision_weights": run.ds_weights,
         "num_workers": run.num_workers,
         "seed": run.options.seed,
         "device": str(run.device),
         "precision": str(run.autocast_dtype).replace("torch.", "") if run.autocast_dtype else "float32",
         "grad_scaler": run.scaler is not None,
-        "compile": run.options.compile,
+        "compile": run.compile,
+        "cuda_graphs": run.cuda_graphs,
+        "augmentation_device": run.augmentation_device,  # where the training augmentation ran: cpu or device
+        "augmentation_note": run.augmentation_note,  # why it ran on the CPU when the device was asked for
         "compile_seconds": run.compile_seconds,
         "world_size": run.dist.world_size,
         "fast_dev_run": run.options.fast_dev_run,
@@ -94,3 +99,15 @@ def write_run_json(run: Run, status: str, train_ids: list[str], val_ids: list[st
         **extra,
     }
     atomic.write_json(run.out / RUN_FILE, data)
+
+
+def _schedule(first: Any, phases: list[tuple[int, Any]]) -> list[dict[str, Any]] | None:
+    """None for one augmentation throughout; else per phase its first epoch and the fields that differ."""
+    if len(phases) <= 1:
+        return None
+    reference = serialization.to_jsonable(first)
+    result = []
+    for epoch, params in phases:
+        values = serialization.to_jsonable(params)
+        result.append({"first_epoch": epoch, "changed": {k: v for k, v in values.items() if reference.get(k) != v}})
+    return result

@@ -59,7 +59,13 @@ class TrainOptions:
     num_workers: int | None = None
     seed: int = 0
     device: str | None = None
-    compile: bool = False
+    # torch.compile the network: None = on for CUDA (where triton is installed), off elsewhere
+    compile: bool | None = None
+    # CUDA graphs for the compiled step (torch.compile's "reduce-overhead"): needs static shapes, CUDA only
+    cuda_graphs: bool = False
+    # where the training augmentation runs: "cpu" (worker processes) or "device" (torch ops on the batch's
+    # device, the workers only cut patches); None = "device" on CUDA, "cpu" elsewhere
+    augmentation: str | None = None
     fast_dev_run: bool = False
     resume: bool = False
     overwrite: bool = False
@@ -73,6 +79,11 @@ class TrainOptions:
     pretrained: Path | str | None = None
 
     def __post_init__(self) -> None:
+        if self.augmentation not in (None, "cpu", "device"):
+            raise AutosegError(
+                f"augmentation (--augmentation) must be 'cpu' or 'device', got {self.augmentation!r}; leave it out"
+                " for the default (device on CUDA, cpu elsewhere)"
+            )
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise AutosegError(
                 f"early_stopping_patience (--early-stopping-patience) must be at least 1 epoch, got"
@@ -199,6 +210,13 @@ class Trainer:
     def train_augmentations(self) -> AugmentationParams:
         """The augmentation settings; a variant returns changed parameters (``dataclasses.replace``)."""
         return self.augmentation
+
+    def epoch_augmentations(self, epoch: int) -> AugmentationParams:
+        """The augmentation settings of ``epoch`` (0-based, of ``num_epochs``): ``train_augmentations()`` for
+        every epoch unless a variant schedules them (a curriculum). Probabilities and ranges may change from
+        epoch to epoch; what sizes the cut sample (the rotation ranges, ``sample_size_scale_range``) may not.
+        A pure function of the epoch, so a resumed run augments as an uninterrupted one."""
+        return self.train_augmentations()
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before every epoch on every rank (also the first one after a resume): set what depends on

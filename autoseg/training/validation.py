@@ -17,7 +17,7 @@ def predict_and_evaluate(run: Run, case_ids: list[str]) -> Path | None:
 
     from autoseg.data.cases import PreprocessedCases
     from autoseg.evaluation.evaluate import evaluate_folder
-    from autoseg.inference.export import export_prediction
+    from autoseg.inference.export import export_prediction, export_prediction_torch
     from autoseg.inference.predict import predict_preprocessed_case
 
     setup, options = run.setup, run.options
@@ -46,8 +46,10 @@ def predict_and_evaluate(run: Run, case_ids: list[str]) -> Path | None:
                 # keeps it within 2e-2 of float32 (tests/test_inference.py), far below what moves an argmax.
                 accumulate_dtype=torch.float16 if run.device.type == "cuda" else None,
             )
-            export_prediction(
-                logits.float().cpu(),
+            # on a GPU the resampling back and the argmax stay there (the predictor's path); elsewhere the CPU's
+            export = export_prediction if run.device.type == "cpu" else export_prediction_torch
+            export(
+                logits if run.device.type != "cpu" else logits.float().cpu(),
                 cases.properties(case_id),
                 setup.plan,
                 setup.configuration,
