@@ -34,23 +34,13 @@ from batchgenerators.augmentations.utils import (
 from scipy import stats
 from scipy.ndimage import gaussian_filter
 from skimage.transform import resize
+from test_augment import ALL_P, INTENSITY, SPATIAL  # the CPU pipeline's probability names
 
 from autoseg.augment import AugmentationParams, spatial_setup, train_augmenter
 from autoseg.augment import device as device_module
 from autoseg.augment.device import BatchParameters, DeviceAugmenter, _resize, gaussian_smooth, unsupported
 from autoseg.errors import AutosegError
 
-SPATIAL = ("p_rotation", "p_scaling", "p_elastic")
-INTENSITY = (
-    "p_gaussian_noise",
-    "p_gaussian_blur",
-    "p_brightness",
-    "p_contrast",
-    "p_low_resolution",
-    "p_gamma_inverted",
-    "p_gamma",
-)
-ALL_P = (*SPATIAL, *INTENSITY, "p_mirror_per_axis")
 PATCHES = ((16, 16, 16), (6, 24, 20), (20, 18))  # isotropic 3D, dummy 2D (24 / 6 > 3), 2D
 
 

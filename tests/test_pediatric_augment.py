@@ -221,6 +221,15 @@ def test_defaults_are_off_and_the_pediatric_trainer_switches_everything_on():
     assert trainer_for((6, 40, 40)).train_augmentations().elastic_alpha == (0.0, 200.0)  # dummy 2D
 
 
+def test_the_pediatric_trainer_ends_with_the_default_augmentation():
+    from autoseg.training.trainer import TrainOptions
+
+    setup = SimpleNamespace(configuration=SimpleNamespace(patch_size=(32, 32, 32)))
+    trainer = PediatricTrainer(setup, TrainOptions(epochs=40))  # type: ignore[arg-type]
+    assert [trainer.epoch_augmentations(e) == PediatricTrainer.augmentation for e in (0, 29)] == [True, True]
+    assert trainer.epoch_augmentations(30) == AugmentationParams() == trainer.epoch_augmentations(39)
+
+
 @pytest.mark.parametrize("patch", [(16, 20, 24), (6, 28, 24), (32, 28)])
 def test_pediatric_chain_runs_and_keeps_shapes(patch):
     params = dataclasses.replace(PediatricTrainer.augmentation, **dict.fromkeys(NEW_P, 1.0))

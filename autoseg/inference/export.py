@@ -122,17 +122,23 @@ def export_prediction(
     """
     values = label_values(plan)
     array = _as_numpy(logits)
-    expected = (len(values), *properties.shape_after_resampling)
-    if array.shape != expected:
-        raise AutosegError(
-            f"case {properties.case_id}: logits of shape {array.shape} do not fit the preprocessed case;"
-            f" expected {expected} ({len(values)} labels of plan {plan.planner!r} x the shape after resampling"
-            f" of configuration {configuration.name!r}). Was the case preprocessed for another configuration?"
-        )
+    _check_logits_shape(array.shape, properties, plan, configuration)
     probabilities = restore_probabilities(softmax(array), properties, plan, configuration)
     write_segmentation(labels_from_probabilities(probabilities, values), properties.geometry, output_file)
     if save_probabilities:
         _save_probabilities(probabilities, properties, plan, configuration, output_file, probabilities_dtype)
+
+
+def _check_logits_shape(
+    shape: tuple[int, ...], properties: CaseProperties, plan: Plan, configuration: Configuration
+) -> None:
+    expected = (len(plan.labels), *properties.shape_after_resampling)
+    if tuple(shape) != expected:
+        raise AutosegError(
+            f"case {properties.case_id}: logits of shape {tuple(shape)} do not fit the preprocessed case;"
+            f" expected {expected} ({len(plan.labels)} labels of plan {plan.planner!r} x the shape after resampling"
+            f" of configuration {configuration.name!r}). Was the case preprocessed for another configuration?"
+        )
 
 
 def export_prediction_torch(
@@ -150,12 +156,7 @@ def export_prediction_torch(
     from autoseg.inference.restore_torch import MemberLogits, restore_argmax
 
     values = label_values(plan)
-    expected = (len(values), *properties.shape_after_resampling)
-    if tuple(logits.shape) != expected:
-        raise AutosegError(
-            f"case {properties.case_id}: logits of shape {tuple(logits.shape)} do not fit the preprocessed case;"
-            f" expected {expected} (labels x the shape after resampling of configuration {configuration.name!r})"
-        )
+    _check_logits_shape(tuple(logits.shape), properties, plan, configuration)
     member = MemberLogits(logits.float(), properties, plan, configuration)
     index, probabilities = restore_argmax([member], save_probabilities, probabilities_dtype)
     write_segmentation(labels_from_index(index.cpu().numpy(), values), properties.geometry, output_file)
