@@ -384,21 +384,14 @@ class EpochAugmenters:
             phases.append((epoch, params, make(patch_size, setup, params)))
         return cls(phases)
 
+    def _phase(self, epoch: int) -> tuple[int, AugmentationParams, BatchAugmenter]:
+        return next(phase for phase in reversed(self.phases) if phase[0] <= epoch or phase is self.phases[0])
+
     def at(self, epoch: int) -> BatchAugmenter:
-        chosen = self.phases[0][2]
-        for first, _, augmenter in self.phases:
-            if epoch < first:
-                break
-            chosen = augmenter
-        return chosen
+        return self._phase(epoch)[2]
 
     def params_at(self, epoch: int) -> AugmentationParams:
-        chosen = self.phases[0][1]
-        for first, params, _ in self.phases:
-            if epoch < first:
-                break
-            chosen = params
-        return chosen
+        return self._phase(epoch)[1]
 
     def __call__(self, image: np.ndarray, label: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """The first phase's augmentation (a caller that does not know the epoch)."""
