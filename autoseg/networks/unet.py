@@ -26,28 +26,10 @@ _INSTANCE_NORM: dict[int, type[nn.Module]] = {2: nn.InstanceNorm2d, 3: nn.Instan
 _INITIALIZED = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-class ConvNormAct(nn.Sequential):
-    """conv -> InstanceNorm -> LeakyReLU, with 'same' padding: nnU-Net's ConvDropoutNormReLU without dropout."""
-
-    norm_eps: ClassVar[float] = 1e-5  # nnU-Net's plans: InstanceNorm eps 1e-5, affine
-    negative_slope: ClassVar[float] = 1e-2  # nnU-Net's LeakyReLU (torch's default slope)
-
-    def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: Sequence[int], stride: Sequence[int] = ()
-    ) -> None:
-        dim = len(kernel_size)
-        stride = tuple(stride) or (1,) * dim
-        padding = tuple((k - 1) // 2 for k in kernel_size)
-        super().__init__()
-        # nnU-Net's plans set conv_bias=True although InstanceNorm cancels it; kept so weights line up.
-        self.conv = _CONV[dim](in_channels, out_channels, tuple(kernel_size), stride, padding, bias=True)
-        self.norm = _INSTANCE_NORM[dim](out_channels, eps=self.norm_eps, affine=True)
-        self.act = nn.LeakyReLU(self.negative_slope, inplace=True)
-
-
 class ConvNorm(nn.Sequential):
     """conv -> InstanceNorm with 'same' padding and no activation: ConvDropoutNormReLU with nonlin=None."""
 
+    norm_eps: ClassVar[float] = 1e-5  # nnU-Net's plans: InstanceNorm eps 1e-5, affine
     norm: nn.Module  # declared so that zero_last_norm may ask for its parameters
 
     def __init__(
@@ -63,7 +45,20 @@ class ConvNorm(nn.Sequential):
         padding = tuple((k - 1) // 2 for k in kernel_size)
         super().__init__()
         self.conv = _CONV[dim](in_channels, out_channels, tuple(kernel_size), stride, padding, bias=bias)
-        self.norm = _INSTANCE_NORM[dim](out_channels, eps=ConvNormAct.norm_eps, affine=True)
+        self.norm = _INSTANCE_NORM[dim](out_channels, eps=self.norm_eps, affine=True)
+
+
+class ConvNormAct(ConvNorm):
+    """conv -> InstanceNorm -> LeakyReLU, with 'same' padding: nnU-Net's ConvDropoutNormReLU without dropout."""
+
+    negative_slope: ClassVar[float] = 1e-2  # nnU-Net's LeakyReLU (torch's default slope)
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: Sequence[int], stride: Sequence[int] = ()
+    ) -> None:
+        # nnU-Net's plans set conv_bias=True although InstanceNorm cancels it; kept so weights line up.
+        super().__init__(in_channels, out_channels, kernel_size, stride, bias=True)
+        self.act = nn.LeakyReLU(self.negative_slope, inplace=True)
 
 
 def conv_stack(
