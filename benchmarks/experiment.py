@@ -48,7 +48,7 @@ REUSE = False  # --reuse: keep a fold that finished with the same budget instead
 
 
 def _finished_with(fold: Path, budget: Sequence[str]) -> bool:
-    """The fold finished, and its run.json has the epochs and iterations ``budget`` asks for."""
+    """The fold finished, and its run.json has the epochs, iterations and seed ``budget`` asks for."""
     try:
         record = json.loads((fold / "run.json").read_text())
     except (OSError, ValueError):
@@ -58,6 +58,7 @@ def _finished_with(fold: Path, budget: Sequence[str]) -> bool:
         record.get("status") == "finished"
         and str(record.get("epochs")) == wanted.get("--epochs")
         and str(record.get("iterations_per_epoch")) == wanted.get("--iterations-per-epoch")
+        and ("--seed" not in wanted or str(record.get("seed")) == wanted["--seed"])
     )
 
 

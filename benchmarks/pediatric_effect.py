@@ -41,6 +41,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12, help="epochs per trainer (default: 12)")
     parser.add_argument("--iterations", type=int, default=40, help="iterations per epoch (default: 40)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the dataset and of training (default: 0)")
+    parser.add_argument(
+        "--train-seed", type=int,
+        help="seed of training only, the data unchanged (default: --seed); results go to results_TRAINER_seedN",
+    )  # fmt: skip
     parser.add_argument("--trainers", nargs="+", default=["default", "pediatric"], help="trainers to compare")
     parser.add_argument(
         "--train-contrast", choices=["adult", "isointense", "inverted"],
@@ -63,9 +67,11 @@ def main() -> None:
         test = make_example_dataset(out / "raw", 1, args.test, args.size, test_seed, show_progress=False,
                                     dataset_name=MIXED_TEST)  # fmt: skip
     pre = out / "preprocessed"
+    train_seed = args.seed if args.train_seed is None else args.train_seed
+    suffix = "" if train_seed == args.seed else f"_seed{train_seed}"
     run("plan-and-preprocess", str(raw), "--preprocessed", str(pre), "-c", "3d_fullres")
     budget = ["--epochs", str(args.epochs), "--iterations-per-epoch", str(args.iterations),
-              "--val-iterations", "10", "--seed", str(args.seed)]  # fmt: skip
+              "--val-iterations", "10", "--seed", str(train_seed)]  # fmt: skip
     _, test_ids = case_ids(first_test_index, args.test)
     infos = {c: make_case_with_info(first_test_index + i, test_seed, args.size)[3] for i, c in enumerate(test_ids)}
     fills = sorted(info.head_fill for info in infos.values())
@@ -82,14 +88,15 @@ def main() -> None:
     dice: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
     for trainer in args.trainers:
-        results = out / f"results_{trainer}"
+        results = out / f"results_{trainer}{suffix}"
         seconds[trainer] = train_fold(raw, pre, results, trainer, budget)
-        summary = predict_and_score(raw, pre, results, out / f"predictions_{trainer}", trainer, test=test)
+        summary = predict_and_score(raw, pre, results, out / f"predictions_{trainer}{suffix}", trainer, test=test)
         dice[trainer] = foreground_dice_per_case(summary)
 
     training = f"{args.train} training cases" + (f" of {args.train_contrast} contrast" if args.train_contrast else "")
     print(f"\nTest-set mean foreground Dice by condition ({args.test} cases of {test.name}, size {args.size},"
-          f" fold 0 of {training}, {args.epochs} epochs x {args.iterations} iterations, seed {args.seed})")  # fmt: skip
+          f" fold 0 of {training}, {args.epochs} epochs x {args.iterations} iterations, seed {args.seed},"
+          f" training seed {train_seed})")  # fmt: skip
     per_trainer = {t: {name: (n, mean) for name, n, mean in group_means(dice[t], infos, groups)} for t in dice}
     names = [name for name, _ in groups if name in per_trainer[args.trainers[0]]]
     rows = []

@@ -187,6 +187,25 @@ def test_nearest_label_resampling_matches_batchgenerators(patch):
     assert (out_label[0] != want).mean() < 2e-3 and (want == -1).any()
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_dense_label_vote_equals_the_boundary_only_vote(dims):
+    """Off the CPU every voxel is scored (no ``nonzero``, which would wait for the device); on the CPU only the
+    boundary voxels. Same labels, also with several label channels, ties and grid points outside the sample."""
+    gen = torch.Generator().manual_seed(dims)
+    sample = (9, 11, 10)[:dims]
+    label = torch.randint(0, 4, (3, 2, *sample), generator=gen, dtype=torch.int16)
+    label[0] = 1  # one sample without a boundary
+    patch = (7, 8, 6)[:dims]
+    grid = torch.rand((3, *patch, dims), generator=gen) * 2.4 - 1.2
+    grid[1, :2] = torch.linspace(-1, 1, 5)[torch.randint(0, 5, (2, *patch[1:], dims), generator=gen)]  # on voxels
+    grid[2, ..., 0] = 0.5 * (2 * torch.arange(patch[-1]) / (patch[-1] - 1) - 1)  # halves: weight ties
+    inside = (grid.abs() <= 1).all(-1)
+    sparse = device_module._resample_label(label, grid, inside, 1, dense=False)
+    dense = device_module._resample_label(label, grid, inside, 1, dense=True)
+    assert torch.equal(sparse, dense)
+    assert (sparse[1:] != sparse[1:, :, :1]).any() and (sparse == -1).any()
+
+
 def test_elastic_deformation_matches_batchgenerators(monkeypatch):
     """The same random field through both: batchgenerators smooths it (zero border), scales it by alpha and adds it
     to the patch grid before rotating and scaling; the device twin builds the same grid."""

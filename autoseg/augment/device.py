@@ -285,13 +285,19 @@ def _centre_crop(x: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
     return x[(slice(None), slice(None), *(slice(a, a + p) for a, p in zip(starts, patch)))]
 
 
-def _resample_label(label: torch.Tensor, grid: torch.Tensor, inside: torch.Tensor, order: int) -> torch.Tensor:
+def _resample_label(
+    label: torch.Tensor, grid: torch.Tensor, inside: torch.Tensor, order: int, dense: bool | None = None
+) -> torch.Tensor:
     """Labels (N, L, *S) at ``grid`` (N, *P, dims), as batchgenerators' ``interpolate_img(is_seg=True)``.
 
     Order 1 scores each label by the linear-interpolation weights of the corners holding it (its interpolated
     indicator) and takes the best; ties go to the nearest corner's label if it is among them, else to the
     smallest label. Only the 2**dims corner labels can win, so the cost does not grow with the number of labels.
     Order 0 takes the nearest corner (scipy rounds halves up). Outside the sample: IGNORE_LABEL.
+
+    Inside a region all corners agree, so on a CPU only the boundary voxels are scored (``dense=False``). On
+    other devices (``dense=None`` picks) every voxel is scored: finding the boundary voxels would need
+    ``nonzero``, which waits for the device, and the dense vote is cheap there. Both give the same labels.
     """
     n, channels = label.shape[:2]
     sample = label.shape[2:]
@@ -320,25 +326,39 @@ def _resample_label(label: torch.Tensor, grid: torch.Tensor, inside: torch.Tenso
         terms = [(index(axis, 0), index(axis, 1)) for axis in range(dims)]
         labels = torch.stack([labels_at([terms[a][o] for a, o in enumerate(offsets)]) for offsets in corners], -1)
         labels = labels.view(-1, len(corners))  # (N L P, K)
-        result = labels[:, 0].clone()
-        # inside a region all corners agree; only the voxels at a boundary need scoring
-        mixed = (labels != labels[:, :1]).any(1).nonzero().squeeze(1)
-        if len(mixed):
-            voxels = coords[0].shape[1]
-            at = (mixed // (channels * voxels)) * voxels + mixed % voxels  # row of (N, P) tensors
-            local = [f.reshape(-1).index_select(0, at) for f in fractions]
-            weights = torch.ones(len(mixed), len(corners), device=label.device)  # (M, K) linear weights
-            for k, offsets in enumerate(corners):
-                for f, o in zip(local, offsets):
-                    weights[:, k] *= f if o else 1 - f
-            corner = labels.index_select(0, mixed)  # (M, K)
-            scores = ((corner[:, :, None] == corner[:, None, :]) * weights[:, None, :]).sum(-1)  # each corner's label
-            top = scores == scores.amax(-1, keepdim=True)
-            smallest = torch.where(top, corner, torch.iinfo(corner.dtype).max).amin(-1)
-            near = nearest.reshape(-1).index_select(0, mixed)
-            nearest_on_top = ((corner == near[:, None]) & top).any(-1)
-            result.index_copy_(0, mixed, torch.where(nearest_on_top, near, smallest))
+        if dense is None:
+            dense = label.device.type != "cpu"
+        if dense:
+            local = [f[:, None].expand(-1, channels, -1).reshape(-1) for f in fractions]
+            result = _vote(labels, local, nearest.reshape(-1), corners)
+        else:
+            result = labels[:, 0].clone()
+            mixed = (labels != labels[:, :1]).any(1).nonzero().squeeze(1)
+            if len(mixed):
+                voxels = coords[0].shape[1]
+                at = (mixed // (channels * voxels)) * voxels + mixed % voxels  # row of (N, P) tensors
+                local = [f.reshape(-1).index_select(0, at) for f in fractions]
+                near = nearest.reshape(-1).index_select(0, mixed)
+                result.index_copy_(0, mixed, _vote(labels.index_select(0, mixed), local, near, corners))
     return result.view(n, channels, *grid.shape[1:-1]).masked_fill(~inside[:, None], IGNORE_LABEL)
+
+
+def _vote(
+    corner: torch.Tensor, fractions: Sequence[torch.Tensor], near: torch.Tensor, corners: Sequence[tuple[int, ...]]
+) -> torch.Tensor:
+    """The label of each row of ``corner`` (M, K) with the largest summed linear weight (from ``fractions``, one
+    (M,) per axis); ties go to ``near`` (M,) when it is among the best, else to the smallest label."""
+    weights = torch.ones(corner.shape, device=corner.device)  # (M, K) linear weights
+    for k, offsets in enumerate(corners):
+        for f, o in zip(fractions, offsets):
+            weights[:, k] *= f if o else 1 - f
+    scores = torch.zeros_like(weights)  # each corner's label's summed weight, one corner at a time: (M, K) memory
+    for k in range(len(corners)):
+        scores += (corner == corner[:, k : k + 1]) * weights[:, k : k + 1]
+    top = scores == scores.amax(-1, keepdim=True)
+    smallest = torch.where(top, corner, torch.iinfo(corner.dtype).max).amin(-1)
+    nearest_on_top = ((corner == near[:, None]) & top).any(-1)
+    return torch.where(nearest_on_top, near, smallest)
 
 
 class DeviceAugmenter:
