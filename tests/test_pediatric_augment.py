@@ -1,5 +1,6 @@
 """Pediatric robustness augmentation: each deterministic twin against hand computations, the samplers through
-ComposeAugmenter (reproducible, label untouched, 2D and 3D), and the ``pediatric`` trainer's chain."""
+ComposeAugmenter (reproducible, label untouched, 2D and 3D), and the ``pediatric`` and ``pediatric_artefacts``
+trainers' chains."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from autoseg.trainers.pediatric import PediatricTrainer
+from autoseg.trainers.pediatric_artefacts import PediatricArtefactsTrainer
 from batchgenerators.transforms.abstract_transforms import Compose
 
 from autoseg.augment import AugmentationParams, ComposeAugmenter, spatial_setup, train_augmenter
@@ -206,33 +208,37 @@ def test_sampler_arguments_are_checked():
 
 
 # --- the pediatric chain -------------------------------------------------------------------------------------
-def test_defaults_are_off_and_the_pediatric_trainer_switches_everything_on():
+def test_defaults_are_off_pediatric_remaps_and_pediatric_artefacts_switches_everything_on():
     default = AugmentationParams()
     assert all(getattr(default, p) == 0 for p in NEW_P)
-    params = PediatricTrainer.augmentation
+    remap_only = PediatricTrainer.augmentation
+    assert remap_only == dataclasses.replace(default, p_contrast_remap=0.2)
+    params = PediatricArtefactsTrainer.augmentation
     assert all(0 < getattr(params, p) <= 0.3 for p in NEW_P)
     assert params.p_elastic > 0 and params.scaling_range[1] == pytest.approx(1 / 0.6)
 
-    def trainer_for(patch: tuple[int, ...]) -> PediatricTrainer:
-        return PediatricTrainer(SimpleNamespace(configuration=SimpleNamespace(patch_size=patch)))  # type: ignore[arg-type]
+    def trainer_for(patch: tuple[int, ...]) -> PediatricArtefactsTrainer:
+        setup = SimpleNamespace(configuration=SimpleNamespace(patch_size=patch))
+        return PediatricArtefactsTrainer(setup)  # type: ignore[arg-type]
 
     assert trainer_for((32, 32, 32)).train_augmentations().elastic_alpha == (0.0, 900.0)
     assert trainer_for((64, 64)).train_augmentations().elastic_alpha == (0.0, 200.0)
     assert trainer_for((6, 40, 40)).train_augmentations().elastic_alpha == (0.0, 200.0)  # dummy 2D
 
 
-def test_the_pediatric_trainer_ends_with_the_default_augmentation():
+@pytest.mark.parametrize("trainer_class", [PediatricTrainer, PediatricArtefactsTrainer])
+def test_the_pediatric_trainers_end_with_the_default_augmentation(trainer_class):
     from autoseg.training.trainer import TrainOptions
 
     setup = SimpleNamespace(configuration=SimpleNamespace(patch_size=(32, 32, 32)))
-    trainer = PediatricTrainer(setup, TrainOptions(epochs=40))  # type: ignore[arg-type]
-    assert [trainer.epoch_augmentations(e) == PediatricTrainer.augmentation for e in (0, 29)] == [True, True]
+    trainer = trainer_class(setup, TrainOptions(epochs=40))  # type: ignore[arg-type]
+    assert [trainer.epoch_augmentations(e) == trainer_class.augmentation for e in (0, 29)] == [True, True]
     assert trainer.epoch_augmentations(30) == AugmentationParams() == trainer.epoch_augmentations(39)
 
 
 @pytest.mark.parametrize("patch", [(16, 20, 24), (6, 28, 24), (32, 28)])
 def test_pediatric_chain_runs_and_keeps_shapes(patch):
-    params = dataclasses.replace(PediatricTrainer.augmentation, **dict.fromkeys(NEW_P, 1.0))
+    params = dataclasses.replace(PediatricArtefactsTrainer.augmentation, **dict.fromkeys(NEW_P, 1.0))
     setup = spatial_setup(patch, params)
     image, label = head_batch(setup.sample_size, batch=2, channels=2)
     augment = train_augmenter(patch, setup, params)

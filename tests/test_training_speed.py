@@ -183,7 +183,7 @@ def test_device_batches_with_the_device_augmenter_match_it_applied_by_hand() -> 
     batches.close()
 
 
-@pytest.mark.parametrize("trainer", ["default", "pediatric"])
+@pytest.mark.parametrize("trainer", ["default", "pediatric", "pediatric_artefacts"])
 def test_a_fold_trains_with_device_augmentation(
     prepared: tuple[Path, Path],  # noqa: F811
     tmp_path: Path,
