@@ -18,10 +18,10 @@ class PediatricArtefactsTrainer(PediatricTrainer):
     Bias field, k-space ghosting and motion, contrast remapping, thick slices, heads scaled down to 0.6 and
     elastic deformation; the last quarter of the epochs trains with nnU-Net's augmentation alone."""
 
+    # `pediatric`'s contrast remapping (p 0.2) plus the other artefacts and the infant geometry
     augmentation: ClassVar[AugmentationParams] = dataclasses.replace(
         PediatricTrainer.augmentation,
         p_bias_field=0.3,
-        p_contrast_remap=0.2,
         p_motion=0.1,
         p_ghosting=0.1,
         p_thick_slice=0.2,
@@ -31,10 +31,9 @@ class PediatricArtefactsTrainer(PediatricTrainer):
         # sample_size_scale_range): that border is image 0 and label -1, which the loss ignores.
         p_scaling=0.3,
         scaling_range=(0.7, 1.0 / 0.6),
-        # nnU-Net v1's 3D elastic values: displacement about 1-2.5 voxels RMS (6 at most) at 64^3
+        # with AugmentationParams' elastic_alpha and elastic_sigma (nnU-Net v1's 3D values): displacement about
+        # 1-2.5 voxels RMS (6 at most) at 64^3
         p_elastic=0.2,
-        elastic_alpha=(0.0, 900.0),
-        elastic_sigma=(9.0, 13.0),
     )
     # nnU-Net v1's 2D values: with alpha 900 a 2D field would move ~17 voxels RMS; 200 gives ~3-4
     elastic_alpha_2d: ClassVar[tuple[float, float]] = (0.0, 200.0)
