@@ -5,16 +5,19 @@
         --val-iterations 2 --loader-batches 4 --predict-cases 2          # a dry run of the script on a laptop
 
 One run prints one table. The dataset is ``--cases`` generated brain phantoms at 1 mm (the preprocessing
-benchmark's generator); the plan is the default planner's ``3d_fullres`` for them (at 1 mm: patch
-128x160x112, batch 2, 6 stages: nnU-Net's brain plan). Rows:
+benchmark's generator); the plan is the default planner's ``3d_fullres`` for them, printed above the table.
+The phantoms' heads are smaller than the brains behind nnU-Net's 1 mm plan (patch 128x160x112, 6 stages):
+on 160x192x160 phantoms the plan is patch 112x144x112, batch 2, 5 stages. Rows:
 
 - step limit: seconds for ``--iterations`` training steps on one synthetic batch already on the device
-  (forward, deep-supervision loss, backward, SGD; bf16 and torch.compile as the loop uses them), and the
-  first step's seconds (the compile warm-up), reported apart;
-- for each of ``--augmentation cpu`` and ``device``: the loader alone (batches/s delivered on the device,
-  augmentation included, no step), then one warm-up epoch and one timed steady epoch of ``--iterations``
-  training + ``--val-iterations`` validation iterations, its ratio to the step limit, the GPU's mean
-  utilisation during it (sampled with nvidia-smi every 100 ms when it is there), and the peak GPU memory;
+  (forward, deep-supervision loss, backward, SGD; bf16 and torch.compile as the loop uses them), measured on
+  the model the epochs already compiled;
+- for each of ``--augmentations`` (cpu, device): the loader alone (batches/s delivered on the device,
+  augmentation included, no step), for device augmentation its milliseconds per batch on a sample already
+  on the device, then the first epoch (the compile warm-up and the workers' start included) and one timed
+  steady epoch of ``--iterations`` training + ``--val-iterations`` validation iterations, its ratio to the
+  step limit, the GPU's mean utilisation during it (sampled with nvidia-smi every 100 ms when it is
+  there), and the peak GPU memory;
 - nnU-Net's epoch when ``nnunetv2`` is installed: its default trainer for two epochs of the same data with
   ``--workers`` augmentation processes (benchmarks/fold_vs_nnunet.py's driver), the second epoch's time from
   its log;
@@ -42,6 +45,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+STARTED = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """Each measurement as soon as it is taken, so that a run stopped at a time limit still reports what it had."""
+    print(f"[{time.perf_counter() - STARTED:6.0f} s] {message}", flush=True)
 
 
 def synchronize(device: torch.device) -> None:
@@ -155,6 +166,24 @@ def loader_rate(loader: Any, batches: int, device: torch.device) -> float:
     return rate
 
 
+def augmentation_ms(device_batches: Any, device: torch.device, repeats: int = 20) -> float:
+    """Milliseconds per batch of the device augmentation alone, on one cut sample already on the device."""
+    iterator = device_batches.loader.epoch(49)
+    batch = next(iterator)
+    for _ in iterator:
+        pass
+    image = batch["image"].to(device).float()
+    label = batch["label"].to(device).to(torch.int16)
+    augment = device_batches.augmenters.at(0)
+    augment(image, label, 0)  # first call: kernel selection
+    synchronize(device)
+    started = time.perf_counter()
+    for seed in range(repeats):
+        augment(image, label, seed)
+    synchronize(device)
+    return (time.perf_counter() - started) / repeats * 1000
+
+
 def epoch_seconds(run: Any, train_loader: Any, val_loader: Any, epoch: int) -> float:
     run.position.iteration, run.position.partial_losses = 0, []  # what end_epoch does between epochs
     started = time.perf_counter()
@@ -173,7 +202,12 @@ def measure_augmentation(raw: Path, pre: Path, out: Path, args: argparse.Namespa
     result["ran_on"] = run.augmentation_device
     try:
         result["loader_per_s"] = loader_rate(train_loader, min(args.loader_batches, args.iterations - 1), run.device)
-        epoch_seconds(run, train_loader, val_loader, 0)  # warm-up: compilation, cuDNN search, workers
+        progress(f"{mode} augmentation: loader alone {result['loader_per_s']:.2f} batches/s")
+        if mode == "device" and train_loader.augmenters is not None:
+            result["augment_ms"] = augmentation_ms(train_loader, run.device)
+            progress(f"device augmentation alone: {result['augment_ms']:.2f} ms per batch")
+        result["warm_up_s"] = epoch_seconds(run, train_loader, val_loader, 0)  # compilation, cuDNN search, workers
+        progress(f"{mode} augmentation: warm-up epoch {result['warm_up_s']:.1f} s")
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)
         with Utilisation(run.device) as utilisation:
@@ -181,6 +215,8 @@ def measure_augmentation(raw: Path, pre: Path, out: Path, args: argparse.Namespa
         result["utilisation"] = utilisation.mean
         if run.device.type == "cuda":
             result["peak_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+        measured = ", ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float))
+        progress(f"{mode} augmentation: {measured}")
     finally:
         train_loader.close()
         val_loader.close()
@@ -241,6 +277,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="loader processes (default: the cores)")
     parser.add_argument("--no-compile", action="store_true", help="eager mode instead of torch.compile")
     parser.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for the compiled step")
+    parser.add_argument("--augmentations", nargs="+", choices=["cpu", "device"], default=["cpu", "device"],
+                        help="which augmentation paths to measure (default both)")  # fmt: skip
     parser.add_argument("--skip-nnunet", action="store_true", help="do not run nnU-Net even if installed")
     parser.add_argument("--predict-cases", type=int, default=3, help="timed test brains (default 3; 0: skip)")
     parser.add_argument("--folds", type=int, default=1, help="folds of random weights for prediction")
@@ -252,12 +290,18 @@ def main() -> None:
         args.workers = available_cores()
     shape = tuple(args.shape)
     raw, pre = prepare_data(args.out, args.cases, shape, args.workers)  # type: ignore[arg-type]
+    progress("data generated and preprocessed")
 
-    results = {mode: measure_augmentation(raw, pre, args.out, args, mode) for mode in ("cpu", "device")}
-    run = results["device"]["run"]
+    results = {mode: measure_augmentation(raw, pre, args.out, args, mode) for mode in args.augmentations}
+    run = results[args.augmentations[-1]]["run"]
+    for mode in ("cpu", "device"):
+        results.setdefault(mode, {"ran_on": "not run"})
     limit, first = step_limit(run, args.iterations)
+    progress(f"step limit {limit:.2f} s for {args.iterations} steps (first step, on the trained model: {first:.2f} s)")
     nnunet = None if args.skip_nnunet else nnunet_epoch(raw, args.out, args.workers)
     predict = measure_prediction(args.out, args, shape) if args.predict_cases > 0 else None  # type: ignore[arg-type]
+    if predict is not None:
+        progress(f"prediction, s per case: {predict}")
 
     conf = run.setup.configuration
     name = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "CPU"
@@ -274,13 +318,19 @@ def main() -> None:
     def text(value: float | None, fmt: str = ".2f") -> str:
         return "-" if value is None else format(value, fmt)
 
+    def ratio(mode: str) -> str:
+        return text(results[mode]["epoch_s"] / limit) if "epoch_s" in results[mode] else "-"
+
     rows = [
         ("step limit, s per epoch's training steps", text(limit), text(limit)),
-        ("first step (compile warm-up), s", text(first), text(first)),
         ("augmentation ran on", results["cpu"]["ran_on"], results["device"]["ran_on"]),
-        ("loader alone, batches/s", text(results["cpu"]["loader_per_s"]), text(results["device"]["loader_per_s"])),
-        ("steady epoch, s", text(results["cpu"]["epoch_s"]), text(results["device"]["epoch_s"])),
-        ("epoch / step limit", text(results["cpu"]["epoch_s"] / limit), text(results["device"]["epoch_s"] / limit)),
+        ("loader alone, batches/s", text(results["cpu"].get("loader_per_s")),
+         text(results["device"].get("loader_per_s"))),
+        ("device augmentation alone, ms/batch", "", text(results["device"].get("augment_ms"))),
+        ("first epoch (compile warm-up included), s", text(results["cpu"].get("warm_up_s")),
+         text(results["device"].get("warm_up_s"))),
+        ("steady epoch, s", text(results["cpu"].get("epoch_s")), text(results["device"].get("epoch_s"))),
+        ("epoch / step limit", ratio("cpu"), ratio("device")),
         ("GPU utilisation in the epoch, %", text(results["cpu"].get("utilisation"), ".0f"),
          text(results["device"].get("utilisation"), ".0f")),
         ("peak GPU memory, GB", text(results["cpu"].get("peak_gb")), text(results["device"].get("peak_gb"))),

@@ -238,6 +238,16 @@ def test_padding_where_case_is_smaller_than_patch(tmp_path):
         assert (label == -1).any()
 
 
+def test_sampler_refuses_cases_with_different_channels(tmp_path):
+    rng = np.random.default_rng(0)
+    write_case(tmp_path, "two", *blob_case((12, 12, 12), rng, channels=2))
+    write_case(tmp_path, "one", *blob_case((12, 12, 12), rng, channels=1))
+    cases = PreprocessedCases(tmp_path, ["one", "two"])
+    sampler = PatchSampler(cases, ["one", "two"], (8, 8, 8), (8, 8, 8), batch_size=6)
+    with pytest.raises(AutosegError, match="channels"):
+        sampler.sample(np.random.default_rng(1))  # six draws from two cases: both come up
+
+
 def test_2d_sampling(folder):
     cases = PreprocessedCases(folder, ["case00", "case01", "case02"])
     sampler = PatchSampler(cases, cases.case_ids, (12, 12), (16, 14), batch_size=3, oversample_foreground=1.0)

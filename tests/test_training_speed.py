@@ -142,6 +142,46 @@ def test_device_batches_without_augmenters_are_the_loader_batches() -> None:
     moved.close()
 
 
+def test_compact_batches_halve_the_bytes_and_widen_back_on_the_device() -> None:
+    """float16 image and int8 label from the workers; on the device they are the plain batch rounded to
+    float16, labels exact, and the training step sees float32 and int64 as before."""
+    make = lambda compact: BatchLoader(  # noqa: E731
+        _FixedSampler(PATCH), validation_augmenter(), 3, num_workers=0, seed=2, compact=compact
+    )
+    plain, compact = make(False), make(True)
+    sent = next(iter(compact.epoch(0)))
+    assert sent["image"].dtype == torch.float16 and sent["label"].dtype == torch.int8
+    moved = DeviceBatches(make(True), torch.device("cpu"))
+    for a, b in zip(plain.epoch(0), moved.epoch(0), strict=True):
+        assert b["image"].dtype == torch.float32 and b["label"].dtype == torch.int64
+        assert torch.equal(a["image"].half().float(), b["image"]) and torch.equal(a["label"].long(), b["label"])
+        assert not torch.equal(a["image"], b["image"])  # the rounding is real, and bounded:
+        assert torch.allclose(a["image"], b["image"], rtol=2**-11, atol=0)
+    for loader in (plain, compact, moved):
+        loader.close()
+
+
+def test_compact_batch_keeps_what_does_not_fit() -> None:
+    from autoseg.data.loader import compact_batch
+
+    image = np.array([[1.0, -2.5], [70000.0, 0.0]], np.float32)  # beyond float16's 65504
+    label = np.array([[-1, 0], [3, 200]], np.int16)  # a class beyond int8's 127
+    kept_image, kept_label = compact_batch(image, label)
+    assert kept_image.dtype == np.float32 and kept_label.dtype == np.int16
+    assert np.array_equal(kept_image, image) and np.array_equal(kept_label, label)
+    nan = np.array([np.nan, 1.0], np.float32)
+    assert compact_batch(nan, label[:1])[0].dtype == np.float32
+    small_image, small_label = compact_batch(image[:1], label[:1])
+    assert small_image.dtype == np.float16 and small_label.dtype == np.int8
+    assert np.array_equal(small_image, image[:1]) and np.array_equal(small_label, label[:1])
+
+
+def test_unchanged_augmenter_passes_the_arrays_without_a_copy() -> None:
+    image, label = np.zeros((1, 1, 4, 4), np.float32), np.ones((1, 1, 4, 4), np.int16)
+    out_image, out_label = validation_augmenter()(image, label, seed=0)
+    assert out_image is image and out_label is label
+
+
 class _Recorder:
     """An augmenter that records the seed it was called with and marks the batch with it."""
 

@@ -151,6 +151,22 @@ def _per_channel(values: np.ndarray, per_channel: bool) -> np.ndarray:
     return values if per_channel else np.repeat(values[:, :1], values.shape[1], axis=1)
 
 
+def upload(values: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host numbers (numpy, lists, CPU tensors) as a tensor on ``device`` without waiting for it; a tensor
+    already on a device is only converted there.
+
+    ``torch.as_tensor(values, device="cuda")`` copies from pageable memory and then synchronises the stream,
+    so every drawn parameter would make the host wait for the augmentation kernels queued before it. Through
+    pinned memory the copy is queued like a kernel and the host goes on launching.
+    """
+    if isinstance(values, torch.Tensor) and values.device.type != "cpu":
+        return values.to(device=device, dtype=dtype)
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 # --- ops on rows (N, *spatial) ------------------------------------------------------------------------------------
 def _gaussian_kernels(sigma: np.ndarray) -> tuple[np.ndarray, int]:
     """scipy's ``_gaussian_kernel1d`` for each sigma, zero-padded to the largest radius: (N, 2 R + 1), R."""
@@ -184,7 +200,7 @@ def gaussian_smooth(
         raise ValueError(f"mode must be 'reflect' or 'constant', got {mode!r}")
     spatial = rows.ndim - 1
     host_kernels, radius = _gaussian_kernels(sigma)  # a few numbers: built on the host, in float64 as scipy
-    kernels = torch.as_tensor(host_kernels, dtype=rows.dtype, device=rows.device)
+    kernels = upload(host_kernels, rows.device, rows.dtype)
     out = rows
     for axis in range(spatial) if axes is None else axes:
         dim = axis + 1
@@ -207,13 +223,13 @@ def _on_rows(
     index = np.flatnonzero(picked)
     if index.size == 0:
         return rows
-    at = torch.as_tensor(index, device=rows.device)
+    at = upload(index, rows.device)
     return rows.index_copy(0, at, op(rows.index_select(0, at), index))
 
 
 def _column(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """Per-row numbers as a (N, 1, ..., 1) tensor broadcasting over ``like`` (N, *spatial)."""
-    return torch.as_tensor(values, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.ndim - 1))
+    return upload(values, like.device, like.dtype).view(-1, *[1] * (like.ndim - 1))
 
 
 def _contrast(rows: torch.Tensor, factor: np.ndarray) -> torch.Tensor:
@@ -256,7 +272,7 @@ def _resize(rows: torch.Tensor, size: Sequence[int], order: int) -> torch.Tensor
     high = rows.flatten(1).amax(1).view(-1, *[1] * (rows.ndim - 1))
     for axis, (size_in, size_out) in enumerate(zip(rows.shape[1:], size)):
         if size_in != size_out:
-            matrix = torch.as_tensor(_resize_matrix(size_in, size_out, order), dtype=rows.dtype, device=rows.device)
+            matrix = upload(_resize_matrix(size_in, size_out, order), rows.device, rows.dtype)
             rows = torch.movedim(torch.tensordot(matrix, rows, dims=([1], [axis + 1])), 0, axis + 1)
     # skimage clips spline results to the input's range (clip=True); orders 0 and 1 stay inside it anyway
     return torch.minimum(torch.maximum(rows, low), high) if order > 1 else rows
@@ -518,7 +534,7 @@ class DeviceAugmenter:
         out_image, out_label = _centre_crop(folded, patch), _centre_crop(labels, patch)
         modified = np.flatnonzero(parameters.spatially_modified)
         if modified.size:
-            at = torch.as_tensor(modified, device=image.device)
+            at = upload(modified, image.device)
             grid = self._grid(parameters, modified, folded.shape[2:], patch, generator, image.device)
             inside = (grid.abs() <= 1 + INSIDE_TOLERANCE).all(-1)
             mode = "bilinear" if self.params.order_image == 1 else "nearest"
@@ -550,9 +566,7 @@ class DeviceAugmenter:
         half_patch = np.diag((np.array(patch, dtype=float) - 1) / 2)
         theta = np.zeros((len(rows), dims, dims + 1))
         theta[:, :, :dims] = (linear @ half_patch)[:, ::-1, ::-1]  # grid_sample orders axes x, y(, z)
-        grid = F.affine_grid(
-            torch.as_tensor(theta, dtype=torch.float32, device=device), [len(rows), 1, *patch], align_corners=True
-        )
+        grid = F.affine_grid(upload(theta, device, torch.float32), [len(rows), 1, *patch], align_corners=True)
         elastic = np.flatnonzero(parameters.elastic[rows])
         if elastic.size:
             chosen = rows[elastic]
@@ -560,10 +574,8 @@ class DeviceAugmenter:
             sigma = np.repeat(parameters.elastic_sigma[chosen], dims)
             field = gaussian_smooth(field, sigma, mode="constant").view(elastic.size, dims, *patch)
             field = field * _column(parameters.elastic_alpha[chosen], field)
-            normal = torch.einsum(
-                "nij,nj...->ni...", torch.as_tensor(linear[elastic], dtype=torch.float32, device=device), field
-            )
-            at = torch.as_tensor(elastic, device=device)
+            normal = torch.einsum("nij,nj...->ni...", upload(linear[elastic], device, torch.float32), field)
+            at = upload(elastic, device)
             grid = grid.index_add(0, at, normal.flip(1).movedim(1, -1))
         return grid
 
@@ -624,7 +636,7 @@ class DeviceAugmenter:
             out = rows.clone()
             for target in np.unique(targets, axis=0):  # rows of one target size together
                 same = np.flatnonzero((targets == target).all(1))
-                at = torch.as_tensor(same, device=rows.device)
+                at = upload(same, rows.device)
                 done = low_resolution(rows.index_select(0, at), target.tolist(), p.order_downsample, p.order_upsample)
                 out = out.index_copy(0, at, done)
             return out
@@ -639,7 +651,7 @@ class DeviceAugmenter:
             flips = parameters.mirror[:, column]
             if not flips.any():
                 continue
-            mask = torch.as_tensor(flips, device=image.device)
+            mask = upload(flips, image.device)
             image = torch.where(mask.view(-1, *[1] * (image.ndim - 1)), image.flip(axis + 2), image)
             label = torch.where(mask.view(-1, *[1] * (label.ndim - 1)), label.flip(axis + 1), label)
         return image, label

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from autoseg.augment.device import upload
 from autoseg.augment.params import AugmentationParams
 from autoseg.augment.pediatric import _require
 from autoseg.augment.pipeline import IGNORE_LABEL
@@ -101,7 +102,7 @@ def bias_field_map_torch(shape: Sequence[int], coefficients: torch.Tensor) -> to
 
 def bias_field_torch(image: torch.Tensor, coefficients: torch.Tensor | np.ndarray) -> torch.Tensor:
     """``image * (1 + field)`` for items ``(N, *spatial)`` and ``coefficients`` ``(N, *degrees)``."""
-    coefficients = torch.as_tensor(coefficients, dtype=image.dtype, device=image.device)
+    coefficients = upload(coefficients, image.device, image.dtype)
     return image * (1.0 + bias_field_map_torch(image.shape[1:], coefficients))
 
 
@@ -120,7 +121,7 @@ def kspace_ghosting_torch(
     lines = (k[None, :] - offset_[:, None]) % period_[:, None] == 0
     weight = np.where(lines, 1.0 - intensity_[:, None], 1.0)
     symmetric = 0.5 * (weight + weight[:, (-k) % n])[:, : n // 2 + 1]
-    factor = _along(torch.as_tensor(symmetric, dtype=image.dtype, device=image.device), axis, image.ndim - 1)
+    factor = _along(upload(symmetric, image.device, image.dtype), axis, image.ndim - 1)
     spectrum = torch.fft.rfft(image, dim=axis + 1)
     return torch.fft.irfft(spectrum * factor, n=n, dim=axis + 1)
 
@@ -141,7 +142,7 @@ def motion_blur_torch(image: torch.Tensor, axis: int, shifts: np.ndarray, segmen
     in_fft_order = np.fft.ifftshift(segments, axes=1)
     per_line = np.take_along_axis(shifts, in_fft_order[:, :, None], axis=1)  # (N, lines in FFT order, ndim)
     dims = [d for d in range(ndim) if d == axis or np.any(per_line[:, :, d] != 0)]
-    line_shift = torch.as_tensor(per_line, dtype=image.dtype, device=image.device)
+    line_shift = upload(per_line, image.device, image.dtype)
     phase = torch.zeros((), dtype=image.dtype, device=image.device)
     for d in dims:
         freq = torch.fft.fftfreq(image.shape[d + 1], device=image.device, dtype=image.dtype)
@@ -185,8 +186,8 @@ def remap_contrast_torch(
     count_items = image.shape[0]
     values = image.reshape(count_items, -1)
     inside = mask.reshape(count_items, -1)
-    xs = torch.as_tensor(curve_x, dtype=image.dtype, device=image.device).reshape(count_items, -1).contiguous()
-    ys = torch.as_tensor(curve_y, dtype=image.dtype, device=image.device).reshape(count_items, -1)
+    xs = upload(curve_x, image.device, image.dtype).reshape(count_items, -1).contiguous()
+    ys = upload(curve_y, image.device, image.dtype).reshape(count_items, -1)
     mapped = _interp(values.contiguous(), xs, ys)
     count = inside.sum(1).to(image.dtype)
     safe_count = count.clamp(min=1.0)
@@ -238,17 +239,17 @@ def simulate_thick_slices_torch(
     for i, (start, size, _, _) in enumerate(plans):
         starts[i, : len(start)], counts[i, : len(size)] = start, size
     device = image.device
-    left = torch.as_tensor(np.stack([plan[2] for plan in plans]), device=device)
-    weight = torch.as_tensor(np.stack([plan[3] for plan in plans]), dtype=image.dtype, device=device)[:, :, None]
+    left = upload(np.stack([plan[2] for plan in plans]), device)
+    weight = upload(np.stack([plan[3] for plan in plans]), device, image.dtype)[:, :, None]
     moved = image.movedim(axis + 1, 1)
     slices = moved.reshape(count, n, -1)
     rows = torch.arange(count, device=device)[:, None]
     sums = torch.zeros((count, slabs, slices.shape[2]), dtype=image.dtype, device=device)
     for t in range(int(counts.max())):
-        index = torch.as_tensor(np.minimum(starts + t, n - 1), device=device)
-        inside = torch.as_tensor(t < counts, dtype=image.dtype, device=device)[:, :, None]
+        index = upload(np.minimum(starts + t, n - 1), device)
+        inside = upload(t < counts, device, image.dtype)[:, :, None]
         sums += slices[rows, index] * inside
-    means = sums / torch.as_tensor(np.maximum(counts, 1), dtype=image.dtype, device=device)[:, :, None]
+    means = sums / upload(np.maximum(counts, 1), device, image.dtype)[:, :, None]
     out = means[rows, left] * (1.0 - weight) + means[rows, (left + 1).clamp(max=slabs - 1)] * weight
     return out.reshape(moved.shape).movedim(1, axis + 1).contiguous()
 
@@ -429,7 +430,7 @@ def _contrast_remap(items: torch.Tensor, labels: torch.Tensor, levels: np.ndarra
     steps = torch.arange(points, device=items.device, dtype=items.dtype) / (points - 1)
     curve_x = low[:, None] + span * steps
     curve_x[:, -1] = high  # np.linspace ends exactly on its stop
-    curve_y = low[:, None] + span * torch.as_tensor(levels, dtype=items.dtype, device=items.device)
+    curve_y = low[:, None] + span * upload(levels, items.device, items.dtype)
     remapped = remap_contrast_torch(items, mask, curve_x, curve_y)
     return torch.where(_along(valid[:, None], 0, items.ndim - 1), remapped, items)
 
@@ -437,9 +438,9 @@ def _contrast_remap(items: torch.Tensor, labels: torch.Tensor, levels: np.ndarra
 def _bias_field(items: torch.Tensor, coefficients: np.ndarray, amplitude: np.ndarray) -> torch.Tensor:
     """RandomBiasFieldTransform: the field scaled so that its largest |value| is the drawn amplitude."""
     device, dtype = items.device, items.dtype
-    field = bias_field_map_torch(items.shape[1:], torch.as_tensor(coefficients, dtype=dtype, device=device))
+    field = bias_field_map_torch(items.shape[1:], upload(coefficients, device, dtype))
     largest = field.abs().flatten(1).amax(1)
-    target = torch.as_tensor(amplitude, dtype=dtype, device=device)
+    target = upload(amplitude, device, dtype)
     scale = torch.where(largest > 0, target / torch.where(largest > 0, largest, 1.0), 0.0)
     return items * (1.0 + field * _along(scale[:, None], 0, items.ndim - 1))
 
@@ -451,7 +452,7 @@ def _item_index(samples: np.ndarray, channels: int) -> np.ndarray:
 
 def _replace(flat: torch.Tensor, items: np.ndarray, compute: Callable[..., torch.Tensor], *args: Any) -> None:
     """``flat[items] = compute(flat[items], *args)``: the transform sees the picked items only."""
-    index = torch.as_tensor(items, device=flat.device)
+    index = upload(items, flat.device)
     flat.index_copy_(0, index, compute(flat.index_select(0, index), *args))
 
 
@@ -461,7 +462,7 @@ def _apply_draw(draw: AcquisitionDraw, flat: torch.Tensor, label: torch.Tensor, 
     if len(items) == 0:
         return
     if isinstance(draw, ContrastRemapDraw):
-        labels = label.index_select(0, torch.as_tensor(items // channels, device=flat.device))
+        labels = label.index_select(0, upload(items // channels, flat.device))
         _replace(flat, items, _contrast_remap, labels, draw.levels)
     elif isinstance(draw, BiasFieldDraw):
         _replace(flat, items, _bias_field, draw.coefficients, draw.amplitude)

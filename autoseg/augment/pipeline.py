@@ -336,8 +336,19 @@ def train_augmenter(
     return ComposeAugmenter(train_transforms(patch_size, setup, params))
 
 
-def validation_augmenter() -> ComposeAugmenter:
-    return ComposeAugmenter(validation_transforms())
+class UnchangedAugmenter:
+    """The identity BatchAugmenter: validation batches, and the workers' share when the device augments.
+
+    The sampler's arrays already are float32 and int16, so they pass without a copy (an empty
+    ``ComposeAugmenter`` would still round the label through float32, a copy of each sample).
+    """
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(image, dtype=np.float32), np.asarray(label, dtype=np.int16)
+
+
+def validation_augmenter() -> UnchangedAugmenter:
+    return UnchangedAugmenter()
 
 
 class EpochAugmenters:

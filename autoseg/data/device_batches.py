@@ -52,8 +52,9 @@ class DeviceBatches:
 
     def _prepare(self, batch: dict[str, Any], epoch: int, iteration: int) -> tuple[dict[str, Any], Any]:
         with self._stream_context():
-            image = batch["image"].to(self.device, non_blocking=True)
-            label = batch["label"].to(self.device, non_blocking=True)
+            # a compact batch (float16 image, int8 label) widens on the device, after the copy
+            image = batch["image"].to(self.device, non_blocking=True).float()
+            label = batch["label"].to(self.device, non_blocking=True).to(torch.int16)
             if self.augmenters is not None:
                 _, augment_seed = batch_random(self.seed, self.rank, epoch, iteration)
                 image, label = self.augmenters.at(epoch)(image, label, augment_seed)

@@ -45,12 +45,14 @@ class _BatchDataset(Dataset[dict[str, Any]]):
         iterations_per_epoch: int,
         seed: int,
         rank: int,
+        compact: bool = False,
     ) -> None:
         self.sampler = sampler
         self.augmenter = augmenter
         self.iterations_per_epoch = iterations_per_epoch
         self.seed = seed
         self.rank = rank
+        self.compact = compact
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         epoch, iteration = divmod(index, self.iterations_per_epoch)
@@ -58,11 +60,33 @@ class _BatchDataset(Dataset[dict[str, Any]]):
         image, label, keys = self.sampler.sample(rng)
         augmenter = self.augmenter.at(epoch) if isinstance(self.augmenter, EpochAugmenters) else self.augmenter
         image, label = augmenter(image, label, augment_seed)
+        label = label[:, 0]
+        if self.compact:
+            image, label = compact_batch(image, label)
         return {
             "image": torch.from_numpy(image),
-            "label": torch.from_numpy(label[:, 0]),
+            "label": torch.from_numpy(label),
             "keys": keys,
         }
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def compact_batch(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Half the bytes for the way to the GPU: the image as float16 and the label as int8 where they fit.
+
+    Every batch crosses shared memory, pinned memory and the PCIe bus; at a 1 mm brain's sample size
+    (two 199x213x199 crops) that is 100 MB a batch, and the copies, not the GPU, set the pace. float16
+    keeps 11 significant bits, finer than the bfloat16 (8 bits) in which the mixed-precision step reads its
+    input; a batch with values beyond float16's range (an image without normalisation) stays float32.
+    Labels are -1 (ignore) to the largest class, so they fit int8 up to 127 classes.
+    """
+    if image.size and max(image.max(), -image.min()) <= FLOAT16_MAX:  # NaN compares False: stays float32
+        image = image.astype(np.float16)
+    if label.size and label.max() <= np.iinfo(np.int8).max:
+        label = label.astype(np.int8)
+    return image, label
 
 
 class _EpochIndices(Sampler[int]):
@@ -100,7 +124,9 @@ class BatchLoader:
     """``epoch(e)`` yields ``iterations_per_epoch`` batches, each a dict:
 
     ``image`` float32 tensor (B, C, *patch), ``label`` int16 tensor (B, *patch) with -1 = ignore (call
-    ``.long()`` on the device for cross-entropy), ``keys`` the case ids.
+    ``.long()`` on the device for cross-entropy), ``keys`` the case ids. With ``compact`` (batches bound for
+    a GPU whose step computes in reduced precision) the image comes as float16 and the label as int8 where
+    they fit (``compact_batch``): the receiver converts them on the device.
     """
 
     prefetch_factor = 2  # batches in flight per worker (torch's default); more only costs memory
@@ -115,13 +141,14 @@ class BatchLoader:
         rank: int = 0,
         pin_memory: bool = False,
         multiprocessing_context: str | None = None,
+        compact: bool = False,
     ) -> None:
         if iterations_per_epoch < 1:
             raise ValueError(f"iterations_per_epoch must be at least 1, got {iterations_per_epoch}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be at least 0, got {num_workers}")
         self.iterations_per_epoch = iterations_per_epoch
-        self.dataset = _BatchDataset(sampler, augmenter, iterations_per_epoch, seed, rank)
+        self.dataset = _BatchDataset(sampler, augmenter, iterations_per_epoch, seed, rank, compact)
         self._indices = _EpochIndices(iterations_per_epoch)
         workers: dict[str, Any] = {}
         if num_workers > 0:

@@ -57,15 +57,24 @@ def _overlap(
 
 
 def crop_with_padding(
-    array: np.ndarray, starts: Sequence[int], size: Sequence[int], fill: float, dtype: npt.DTypeLike | None = None
+    array: np.ndarray,
+    starts: Sequence[int],
+    size: Sequence[int],
+    fill: float,
+    dtype: npt.DTypeLike | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """``array[..., starts:starts+size]`` over the trailing axes, ``fill`` outside the array.
 
-    Only the overlapping part is read, so a memory-mapped array stays on disk apart from the crop.
+    Only the overlapping part is read, so a memory-mapped array stays on disk apart from the crop. With
+    ``out`` (shape ``(*lead, *size)``) the crop is written there, without a temporary.
     """
     lead = array.ndim - len(starts)
-    out = np.full((*array.shape[:lead], *size), fill, dtype=dtype or array.dtype)
+    if out is None:
+        out = np.empty((*array.shape[:lead], *size), dtype=dtype or array.dtype)
     overlap = _overlap(starts, size, array.shape[lead:])
+    if overlap is None or any(s.stop - s.start != n for s, n in zip(overlap[1], size)):
+        out.fill(fill)  # only where the crop leaves the array is the fill needed
     if overlap is not None:
         source: tuple[Any, ...] = (Ellipsis, *overlap[0])
         target: tuple[Any, ...] = (Ellipsis, *overlap[1])
@@ -115,13 +124,27 @@ class PatchSampler:
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(image float32 (B, C, *sample_size), label int16 (B, 1, *sample_size), case ids)."""
         keys = [self.case_ids[i] for i in rng.integers(0, len(self.case_ids), self.batch_size)]
-        images = []
-        labels = []
+        images: np.ndarray | None = None
+        labels = np.empty((self.batch_size, 1, *self.sample_size), dtype=np.int16)
         for index, case_id in enumerate(keys):
-            image, label = self._sample_one(case_id, self.is_forced(index), rng)
-            images.append(image)
-            labels.append(label)
-        return np.stack(images), np.stack(labels)[:, None], keys
+            image, seg, starts = self._place(case_id, self.is_forced(index), rng)
+            if images is None:  # each sample is cut straight into the batch: no stacking copy
+                images = np.empty((self.batch_size, image.shape[0], *self.sample_size), dtype=np.float32)
+            elif image.shape[0] != images.shape[1]:
+                raise AutosegError(
+                    f"{self.cases.folder}: case {case_id} has {image.shape[0]} channels, case {keys[0]}"
+                    f" {images.shape[1]}; every case needs the same channels: run `autoseg preprocess` again"
+                )
+            crop_with_padding(image, starts, self.sample_size, 0.0, out=images[index])
+            label_patch = labels[index, 0]
+            overlap = _overlap(starts, self.sample_size, seg.shape)
+            if overlap is None or any(s.stop - s.start != n for s, n in zip(overlap[1], self.sample_size)):
+                label_patch.fill(IGNORE_LABEL)
+            if overlap is not None:
+                # stored -1 (outside the nonzero mask) is background; only padding is ignored
+                np.maximum(seg[overlap[0]], 0, out=label_patch[overlap[1]])
+        assert images is not None  # batch_size >= 1
+        return images, labels, keys
 
     def _foreground_voxel(self, case_id: str, rng: np.random.Generator) -> np.ndarray | None:
         """A stored voxel (z, y, x) of a class chosen uniformly among those present, or None."""
@@ -134,9 +157,10 @@ class PatchSampler:
         chosen = locations[locations[:, 0] == classes[rng.integers(len(classes))]]
         return chosen[rng.integers(len(chosen)), 1:]
 
-    def _sample_one(
+    def _place(
         self, case_id: str, force_foreground: bool, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """The case's image (C, *spatial) and label (*spatial), in 2D the chosen slice, and the sample's start."""
         image = self.cases.image(case_id)
         seg = self.cases.seg(case_id)
         if image.ndim != 4 or image.shape[1:] != seg.shape:
@@ -156,10 +180,4 @@ class PatchSampler:
                 starts.append(int(rng.integers(lo, hi + 1)))
             else:  # centre on the voxel; clamping keeps it inside the sample and the padding within bounds
                 starts.append(int(np.clip(int(voxel[axis]) - self.sample_size[axis] // 2, lo, hi)))
-        image_patch = crop_with_padding(image, starts, self.sample_size, 0.0, np.float32)
-        label_patch = np.full(self.sample_size, IGNORE_LABEL, dtype=np.int16)
-        overlap = _overlap(starts, self.sample_size, seg.shape)
-        if overlap is not None:
-            # stored -1 (outside the nonzero mask) is background; only padding is ignored
-            label_patch[overlap[1]] = np.maximum(seg[overlap[0]], 0)
-        return image_patch, label_patch
+        return image, seg, starts

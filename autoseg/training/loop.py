@@ -158,6 +158,8 @@ class Run:
             workers = max(available_cores() // self.dist.world_size, 1)
         self.num_workers = workers
         pin = self.device.type == "cuda"
+        # float16/int8 on the way to a GPU whose step reads its input in reduced precision anyway
+        compact = pin and self.autocast_dtype is not None
         cases = PreprocessedCases(self.setup.data_dir, sorted(set(train_ids) | set(val_ids)))
         train_sampler = PatchSampler(
             cases, train_ids, conf.patch_size, self.spatial.sample_size, batch,
@@ -178,8 +180,12 @@ class Run:
         val_aug = validation_augmenter()
         seed, rank = self.options.seed, self.dist.rank
         # Validation batches get their own stream: the same seed with a different rank tag.
-        train = BatchLoader(train_sampler, worker_aug, self.trainer.num_iterations, workers, seed, rank, pin)
-        val = BatchLoader(val_sampler, val_aug, self.trainer.num_val_iterations, workers // 2, seed + 1, rank, pin)
+        train = BatchLoader(
+            train_sampler, worker_aug, self.trainer.num_iterations, workers, seed, rank, pin, compact=compact
+        )
+        val = BatchLoader(
+            val_sampler, val_aug, self.trainer.num_val_iterations, workers // 2, seed + 1, rank, pin, compact=compact
+        )
         return (
             DeviceBatches(train, self.device, device_augmenters, seed, rank),
             DeviceBatches(val, self.device),
@@ -210,7 +216,7 @@ class Run:
 
     def _to_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         # DeviceBatches already moved (and maybe augmented) the batch; this only covers direct callers
-        image = batch["image"].to(self.device, non_blocking=True)
+        image = batch["image"].to(self.device, non_blocking=True).float()
         label = batch["label"].to(self.device, non_blocking=True).long()
         return image, label
 
