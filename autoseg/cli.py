@@ -106,6 +106,11 @@ def _add_speed(p: argparse.ArgumentParser) -> None:
         help="where the training augmentation runs: cpu (worker processes) or device (torch ops beside the step;"
         " workers only cut patches); default: device on CUDA, cpu elsewhere",
     )  # fmt: skip
+    p.add_argument(
+        "--cases-on-device", choices=["auto", "always", "never"], default=None,
+        help="keep the fold's cases on the device and cut batches there, without worker processes (device"
+        " augmentation only); auto (default): on CUDA when they fit in a quarter of the free GPU memory",
+    )  # fmt: skip
 
 
 def train_options(args: argparse.Namespace) -> Any:
@@ -127,6 +132,7 @@ def train_options(args: argparse.Namespace) -> Any:
         compile=flag("compile"),
         cuda_graphs=flag("cuda_graphs", False),
         augmentation=flag("augmentation"),
+        cases_on_device=flag("cases_on_device"),
         fast_dev_run=flag("fast_dev_run", False),
         resume=flag("resume", False),
         overwrite=flag("overwrite", False),

@@ -1,4 +1,4 @@
-"""Benchmark: is the GPU fed? The step limit, a steady epoch with CPU and with device augmentation, prediction.
+"""Benchmark: is the GPU fed? The step limit, a steady epoch on each batch path, prediction.
 
     python benchmarks/gpu_epoch.py                       # 1 mm brains (160x192x160), nnU-Net's brain plan, CUDA
     python benchmarks/gpu_epoch.py --device cpu --shape 48 56 48 --patch 32 32 32 --iterations 4 \\
@@ -12,12 +12,14 @@ on 160x192x160 phantoms the plan is patch 112x144x112, batch 2, 5 stages. Rows:
 - step limit: seconds for ``--iterations`` training steps on one synthetic batch already on the device
   (forward, deep-supervision loss, backward, SGD; bf16 and torch.compile as the loop uses them), measured on
   the model the epochs already compiled;
-- for each of ``--augmentations`` (cpu, device): the loader alone (batches/s delivered on the device,
-  augmentation included, no step), for device augmentation its milliseconds per batch on a sample already
-  on the device, then the first epoch (the compile warm-up and the workers' start included) and one timed
-  steady epoch of ``--iterations`` training + ``--val-iterations`` validation iterations, its ratio to the
-  step limit, the GPU's mean utilisation during it (sampled with nvidia-smi every 100 ms when it is
-  there), and the peak GPU memory;
+- for each batch path of ``--paths``: ``cpu`` (worker processes cut and augment), ``device`` (workers cut the
+  samples, the GPU augments them) and ``resident`` (the fold's cases kept on the GPU, where batches are cut
+  and augmented, no workers): the loader alone (batches/s delivered on the device, augmentation included,
+  no step), for device augmentation its milliseconds per batch on a sample already on the device, then the
+  first epoch (the compile warm-up and the workers' start included) and one timed steady epoch of
+  ``--iterations`` training + ``--val-iterations`` validation iterations, its ratio to the step limit, the
+  GPU's mean utilisation during it (sampled with nvidia-smi every 100 ms when it is there), and the peak
+  GPU memory;
 - nnU-Net's epoch when ``nnunetv2`` is installed: its default trainer for two epochs of the same data with
   ``--workers`` augmentation processes (benchmarks/fold_vs_nnunet.py's driver), the second epoch's time from
   its log;
@@ -48,6 +50,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 STARTED = time.perf_counter()
+# the batch paths compared, by the name --paths takes: where the augmentation runs, where samples are cut
+PATHS = {
+    "cpu": "cpu augmentation",  # worker processes cut and augment
+    "device": "device, workers cut",  # workers cut the samples, the GPU augments them
+    "resident": "device, cases on GPU",  # cases kept on the GPU: cut and augmented there, no workers
+}
 
 
 def progress(message: str) -> None:
@@ -109,7 +117,7 @@ def prepare_data(out: Path, cases: int, shape: tuple[int, int, int], workers: in
     return raw, pre
 
 
-def make_run(raw: Path, pre: Path, out: Path, args: argparse.Namespace, augmentation: str) -> Any:
+def make_run(raw: Path, pre: Path, out: Path, args: argparse.Namespace, path: str) -> Any:
     from autoseg import pipeline
     from autoseg.paths import Paths
     from autoseg.training.loop import Run
@@ -120,11 +128,12 @@ def make_run(raw: Path, pre: Path, out: Path, args: argparse.Namespace, augmenta
         setup = dataclasses.replace(
             setup, configuration=dataclasses.replace(setup.configuration, patch_size=tuple(args.patch))
         )
-    setup = dataclasses.replace(setup, output_dir=out / "results" / f"bench_{augmentation}")
+    setup = dataclasses.replace(setup, output_dir=out / "results" / f"bench_{path}")
     options = TrainOptions(
         iterations_per_epoch=args.iterations, val_iterations=args.val_iterations, num_workers=args.workers,
         device=args.device, compile=False if args.no_compile else None, cuda_graphs=args.cuda_graphs,
-        augmentation=augmentation, show_progress=False,
+        augmentation="cpu" if path == "cpu" else "device", cases_on_device="always" if path == "resident" else "never",
+        show_progress=False,
     )  # fmt: skip
     return Run(Trainer(setup, options))
 
@@ -172,8 +181,7 @@ def augmentation_ms(device_batches: Any, device: torch.device, repeats: int = 20
     batch = next(iterator)
     for _ in iterator:
         pass
-    image = batch["image"].to(device).float()
-    label = batch["label"].to(device).to(torch.int16)
+    image, label = device_batches.loader.to_device(batch, device)
     augment = device_batches.augmenters.at(0)
     augment(image, label, 0)  # first call: kernel selection
     synchronize(device)
@@ -199,15 +207,15 @@ def measure_augmentation(raw: Path, pre: Path, out: Path, args: argparse.Namespa
     result: dict[str, Any] = {"run": run}
     train_ids, val_ids = run._folds()
     train_loader, val_loader = run._loaders(train_ids, val_ids)
-    result["ran_on"] = run.augmentation_device
+    result["ran_on"] = run.augmentation_device + (", resident" if run.cases_on_device else "")
     try:
         result["loader_per_s"] = loader_rate(train_loader, min(args.loader_batches, args.iterations - 1), run.device)
-        progress(f"{mode} augmentation: loader alone {result['loader_per_s']:.2f} batches/s")
-        if mode == "device" and train_loader.augmenters is not None:
+        progress(f"{mode}: loader alone {result['loader_per_s']:.2f} batches/s")
+        if train_loader.augmenters is not None:
             result["augment_ms"] = augmentation_ms(train_loader, run.device)
-            progress(f"device augmentation alone: {result['augment_ms']:.2f} ms per batch")
+            progress(f"{mode}: device augmentation alone {result['augment_ms']:.2f} ms per batch")
         result["warm_up_s"] = epoch_seconds(run, train_loader, val_loader, 0)  # compilation, cuDNN search, workers
-        progress(f"{mode} augmentation: warm-up epoch {result['warm_up_s']:.1f} s")
+        progress(f"{mode}: first epoch {result['warm_up_s']:.1f} s")
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)
         with Utilisation(run.device) as utilisation:
@@ -216,7 +224,7 @@ def measure_augmentation(raw: Path, pre: Path, out: Path, args: argparse.Namespa
         if run.device.type == "cuda":
             result["peak_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
         measured = ", ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float))
-        progress(f"{mode} augmentation: {measured}")
+        progress(f"{mode}: {measured}")
     finally:
         train_loader.close()
         val_loader.close()
@@ -277,8 +285,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="loader processes (default: the cores)")
     parser.add_argument("--no-compile", action="store_true", help="eager mode instead of torch.compile")
     parser.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for the compiled step")
-    parser.add_argument("--augmentations", nargs="+", choices=["cpu", "device"], default=["cpu", "device"],
-                        help="which augmentation paths to measure (default both)")  # fmt: skip
+    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS),
+                        help="which batch paths to measure (default all three: " + "; ".join(
+                            f"{k}: {v}" for k, v in PATHS.items()) + ")")  # fmt: skip
     parser.add_argument("--skip-nnunet", action="store_true", help="do not run nnU-Net even if installed")
     parser.add_argument("--predict-cases", type=int, default=3, help="timed test brains (default 3; 0: skip)")
     parser.add_argument("--folds", type=int, default=1, help="folds of random weights for prediction")
@@ -292,9 +301,9 @@ def main() -> None:
     raw, pre = prepare_data(args.out, args.cases, shape, args.workers)  # type: ignore[arg-type]
     progress("data generated and preprocessed")
 
-    results = {mode: measure_augmentation(raw, pre, args.out, args, mode) for mode in args.augmentations}
-    run = results[args.augmentations[-1]]["run"]
-    for mode in ("cpu", "device"):
+    results = {mode: measure_augmentation(raw, pre, args.out, args, mode) for mode in args.paths}
+    run = results[args.paths[-1]]["run"]
+    for mode in PATHS:
         results.setdefault(mode, {"ran_on": "not run"})
     limit, first = step_limit(run, args.iterations)
     progress(f"step limit {limit:.2f} s for {args.iterations} steps (first step, on the trained model: {first:.2f} s)")
@@ -318,35 +327,35 @@ def main() -> None:
     def text(value: float | None, fmt: str = ".2f") -> str:
         return "-" if value is None else format(value, fmt)
 
-    def ratio(mode: str) -> str:
-        return text(results[mode]["epoch_s"] / limit) if "epoch_s" in results[mode] else "-"
+    def row(label: str, key: str, fmt: str = ".2f") -> tuple[str, ...]:
+        return (label, *(text(results[mode].get(key), fmt) for mode in PATHS))
 
+    for measured in results.values():
+        if "epoch_s" in measured:
+            measured["ratio"] = measured["epoch_s"] / limit
     rows = [
-        ("step limit, s per epoch's training steps", text(limit), text(limit)),
-        ("augmentation ran on", results["cpu"]["ran_on"], results["device"]["ran_on"]),
-        ("loader alone, batches/s", text(results["cpu"].get("loader_per_s")),
-         text(results["device"].get("loader_per_s"))),
-        ("device augmentation alone, ms/batch", "", text(results["device"].get("augment_ms"))),
-        ("first epoch (compile warm-up included), s", text(results["cpu"].get("warm_up_s")),
-         text(results["device"].get("warm_up_s"))),
-        ("steady epoch, s", text(results["cpu"].get("epoch_s")), text(results["device"].get("epoch_s"))),
-        ("epoch / step limit", ratio("cpu"), ratio("device")),
-        ("GPU utilisation in the epoch, %", text(results["cpu"].get("utilisation"), ".0f"),
-         text(results["device"].get("utilisation"), ".0f")),
-        ("peak GPU memory, GB", text(results["cpu"].get("peak_gb")), text(results["device"].get("peak_gb"))),
-        ("nnU-Net epoch (its log), s", text(nnunet), ""),
-    ]  # fmt: skip
+        ("step limit, s per epoch's training steps", *[text(limit)] * len(PATHS)),
+        ("augmentation ran on", *(str(results[mode]["ran_on"]) for mode in PATHS)),
+        row("loader alone, batches/s", "loader_per_s"),
+        row("device augmentation alone, ms/batch", "augment_ms"),
+        row("first epoch (compile warm-up included), s", "warm_up_s"),
+        row("steady epoch, s", "epoch_s"),
+        row("epoch / step limit", "ratio"),
+        row("GPU utilisation in the epoch, %", "utilisation", ".0f"),
+        row("peak GPU memory, GB", "peak_gb"),
+        ("nnU-Net epoch (its log), s", text(nnunet), "", ""),
+    ]
     if predict is not None:
         rows += [
-            ("predict: read + CPU preprocessing, s/case", text(predict["read"]), ""),
-            ("predict: device work, s/case", text(predict["device"]), ""),
-            ("predict: restore + write, s/case", text(predict["write"]), ""),
-            ("predict: wall, cases overlapped, s/case", text(predict["wall"]), ""),
+            ("predict: read + CPU preprocessing, s/case", text(predict["read"]), "", ""),
+            ("predict: device work, s/case", text(predict["device"]), "", ""),
+            ("predict: restore + write, s/case", text(predict["write"]), "", ""),
+            ("predict: wall, cases overlapped, s/case", text(predict["wall"]), "", ""),
         ]
     width = max(len(r[0]) for r in rows) + 2
-    print(f"{'':<{width}}{'cpu augmentation':>18}{'device augmentation':>21}")
-    for label, cpu, device in rows:
-        print(f"{label:<{width}}{cpu:>18}{device:>21}")
+    print(f"{'':<{width}}" + "".join(f"{PATHS[mode]:>22}" for mode in PATHS))
+    for label, *cells in rows:
+        print(f"{label:<{width}}" + "".join(f"{cell:>22}" for cell in cells))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from autoseg import atomic, serialization
-from autoseg.augment import spatial_setup, train_augmenter
+from autoseg.augment import spatial_setup, train_augmenter, validation_augmenter
 from autoseg.data import PatchSampler, PreprocessedCases, fold_cases, kfold_splits, load_or_create_splits
 from autoseg.data.loader import BatchLoader
+from autoseg.data.resident import ResidentCases, ResidentLoader, resident_bytes
 from autoseg.errors import AutosegError
 from autoseg.io import Geometry
 from autoseg.preprocessing.case import CaseProperties
@@ -296,3 +297,49 @@ def test_loader_epochs_and_seeds_differ(folder):
         assert all(torch.equal(x["image"], y["image"]) for x, y in zip(zero, collect(loader, 0)))
     with make_loader(folder, 0, seed=1) as other:
         assert not torch.equal(collect(other, 0)[0]["image"], zero[0]["image"])
+
+
+# --- cases kept on the device ----------------------------------------------------------------------------
+
+
+def _resident_and_workers(folder: Path, patch: tuple[int, ...], compact: bool) -> tuple[ResidentLoader, BatchLoader]:
+    setup = spatial_setup(patch)
+    cases = PreprocessedCases(folder, ["case00", "case01", "case02"])
+    sampler = PatchSampler(cases, cases.case_ids, patch, setup.sample_size, batch_size=3, oversample_foreground=0.5)
+    resident = ResidentCases(cases, cases.case_ids, torch.device("cpu"), compact)
+    return (
+        ResidentLoader(sampler, resident, iterations_per_epoch=4, seed=7, rank=1),
+        BatchLoader(sampler, validation_augmenter(), 4, num_workers=0, seed=7, rank=1, compact=compact),
+    )
+
+
+@pytest.mark.parametrize("patch", [(8, 10, 12), (12, 12)])
+@pytest.mark.parametrize("compact", [False, True])
+def test_resident_batches_equal_the_workers_batches(folder, patch, compact):
+    """Same placements from the same generator, cut from cases on the device: voxel for voxel the workers'
+    batch (padding with 0 / -1 included), also when both send float16 images and int8 labels."""
+    resident, workers = _resident_and_workers(folder, patch, compact)
+    device = torch.device("cpu")
+    padded = 0
+    for epoch, start in ((0, 0), (3, 2)):
+        pairs = list(zip(resident.epoch(epoch, start), workers.epoch(epoch, start), strict=True))
+        assert len(pairs) == 4 - start
+        for on_device, from_workers in pairs:
+            assert on_device["keys"] == from_workers["keys"]
+            image, label = resident.to_device(on_device, device)
+            expected_image, expected_label = workers.to_device(from_workers, device)
+            assert image.dtype == torch.float32 and label.dtype == torch.int16
+            assert torch.equal(image, expected_image) and torch.equal(label, expected_label)
+            padded += int((label == -1).sum())
+    assert padded > 0  # the samples stick out of the cases: the padding was compared too
+    workers.close()
+
+
+def test_resident_cases_hold_compact_copies(folder):
+    cases = PreprocessedCases(folder, ["case00", "case01", "case02"])
+    full = ResidentCases(cases, cases.case_ids, torch.device("cpu"), compact=False)
+    small = ResidentCases(cases, cases.case_ids, torch.device("cpu"), compact=True)
+    assert full.images["case00"].dtype == torch.float32 and small.images["case00"].dtype == torch.float16
+    assert small.labels["case00"].dtype == torch.int8 and int(small.labels["case00"].min()) == 0  # -1 stored: 0
+    assert full.nbytes == resident_bytes(cases, cases.case_ids, compact=False)
+    assert small.nbytes == resident_bytes(cases, cases.case_ids, compact=True) < full.nbytes / 1.9

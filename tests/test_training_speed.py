@@ -236,11 +236,39 @@ def test_a_fold_trains_with_device_augmentation(
     assert run["status"] == "finished" and run["augmentation_device"] == "device" and run["augmentation_note"] is None
 
 
+def test_cases_on_the_device_train_the_same_fold_as_the_workers(prepared: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+    """Batches cut from cases kept on the device are the workers' batches, so the same fold trains to the
+    same weights; run.json says which path ran."""
+    from test_training import assert_same_state, network_state
+
+    runs = {}
+    for choice in ("always", "never"):
+        paths = paths_for(prepared, tmp_path / choice)
+        runs[choice] = run_fold(prepared, paths, epochs=1, augmentation="device", cases_on_device=choice)
+    record = {choice: json.loads((folder / "run.json").read_text()) for choice, folder in runs.items()}
+    assert record["always"]["cases_on_device"] is True and record["always"]["num_workers"] == 0
+    assert record["never"]["cases_on_device"] is False
+    assert_same_state(network_state(runs["always"]), network_state(runs["never"]))
+
+
+def test_cases_on_device_needs_device_augmentation(prepared: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+    folder = run_fold(
+        prepared, paths_for(prepared, tmp_path), fast_dev_run=True, augmentation="cpu", cases_on_device="always"
+    )
+    run = json.loads((folder / "run.json").read_text())
+    assert run["cases_on_device"] is False and "augmentation runs on the CPU" in run["cases_on_device_note"]
+    automatic = run_fold(prepared, paths_for(prepared, tmp_path / "auto"), fast_dev_run=True, augmentation="device")
+    assert json.loads((automatic / "run.json").read_text())["cases_on_device"] is False  # auto: CUDA only
+    with pytest.raises(AutosegError, match="cases-on-device"):
+        TrainOptions(cases_on_device="sometimes")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_defaults_compile_and_augment_on_the_device(prepared: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
     folder = run_fold(prepared, paths_for(prepared, tmp_path), fast_dev_run=True, device="cuda")
     run = json.loads((folder / "run.json").read_text())
     assert run["status"] == "finished" and run["augmentation_device"] == "device"
+    assert run["cases_on_device"] is True and run["num_workers"] == 0  # the tiny fold fits: batches cut there
     assert run["precision"] in ("bfloat16", "float16")
     from torch.utils._triton import has_triton
 

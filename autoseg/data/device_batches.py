@@ -11,6 +11,9 @@ batch ``i`` runs:
 3. does both on a side CUDA stream, so the copy and the augmentation overlap the step on the default
    stream; the step's stream waits on an event of the batch, not on the whole device.
 
+When the fold's cases are kept on the device (``autoseg.data.resident``) there are no workers: step 1 is
+``ResidentLoader.to_device``, which cuts the batch from those cases on the same side stream.
+
 Without a CUDA device there is no side stream: the same code runs in order, which is how the tests drive it
 on CPU tensors. With ``--augmentation cpu`` (no augmenters) it only moves the already augmented batches
 ahead of time.
@@ -26,6 +29,7 @@ import torch
 
 from autoseg.augment.pipeline import EpochAugmenters
 from autoseg.data.loader import BatchLoader, batch_random
+from autoseg.data.resident import ResidentLoader
 
 
 class DeviceBatches:
@@ -34,7 +38,7 @@ class DeviceBatches:
 
     def __init__(
         self,
-        loader: BatchLoader,
+        loader: BatchLoader | ResidentLoader,
         device: torch.device,
         augmenters: EpochAugmenters | None = None,
         seed: int = 0,
@@ -52,12 +56,11 @@ class DeviceBatches:
 
     def _prepare(self, batch: dict[str, Any], epoch: int, iteration: int) -> tuple[dict[str, Any], Any]:
         with self._stream_context():
-            # a compact batch (float16 image, int8 label) widens on the device, after the copy
-            image = batch["image"].to(self.device, non_blocking=True).float()
-            label = batch["label"].to(self.device, non_blocking=True).to(torch.int16)
+            image, label = self.loader.to_device(batch, self.device)
             if self.augmenters is not None:
                 _, augment_seed = batch_random(self.seed, self.rank, epoch, iteration)
-                image, label = self.augmenters.at(epoch)(image, label, augment_seed)
+                augment: Any = self.augmenters.at(epoch)  # a DeviceAugmenter: tensors in, tensors out
+                image, label = augment(image, label, augment_seed)
             label = label.long()
             event = None
             if self._stream is not None:

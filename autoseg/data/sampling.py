@@ -23,6 +23,9 @@ from autoseg.errors import AutosegError
 
 IGNORE_LABEL = -1  # padding value of labels; the loss ignores it
 
+# where one sample comes from: (case id, slice index along the first axis for 2D or None, start per axis)
+Placement = tuple[str, int | None, tuple[int, ...]]
+
 
 def sampling_bounds(
     data_shape: Sequence[int], sample_size: Sequence[int], patch_size: Sequence[int]
@@ -123,17 +126,35 @@ class PatchSampler:
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(image float32 (B, C, *sample_size), label int16 (B, 1, *sample_size), case ids)."""
+        placements = self.place(rng)
+        images, labels = self.cut(placements)
+        return images, labels, [case_id for case_id, _, _ in placements]
+
+    def place(self, rng: np.random.Generator) -> list[Placement]:
+        """Where each sample of a batch comes from: (case id, slice index in 2D else None, start per axis).
+
+        All of a batch's random draws happen here, so the batch is the same whether ``cut`` reads it from the
+        stored cases or ``ResidentCases`` cuts it on the device.
+        """
         keys = [self.case_ids[i] for i in rng.integers(0, len(self.case_ids), self.batch_size)]
+        return [self._place(case_id, self.is_forced(index), rng) for index, case_id in enumerate(keys)]
+
+    def cut(self, placements: Sequence[Placement]) -> tuple[np.ndarray, np.ndarray]:
+        """The samples at ``placements`` from the stored cases: image float32 (B, C, *sample_size) with 0
+        outside the case, label int16 (B, 1, *sample_size) with -1 outside it."""
         images: np.ndarray | None = None
-        labels = np.empty((self.batch_size, 1, *self.sample_size), dtype=np.int16)
-        for index, case_id in enumerate(keys):
-            image, seg, starts = self._place(case_id, self.is_forced(index), rng)
+        labels = np.empty((len(placements), 1, *self.sample_size), dtype=np.int16)
+        for index, (case_id, z, starts) in enumerate(placements):
+            image, seg = self.cases.image(case_id), self.cases.seg(case_id)
+            if z is not None:
+                image, seg = image[:, z], seg[z]
             if images is None:  # each sample is cut straight into the batch: no stacking copy
-                images = np.empty((self.batch_size, image.shape[0], *self.sample_size), dtype=np.float32)
+                images = np.empty((len(placements), image.shape[0], *self.sample_size), dtype=np.float32)
             elif image.shape[0] != images.shape[1]:
                 raise AutosegError(
-                    f"{self.cases.folder}: case {case_id} has {image.shape[0]} channels, case {keys[0]}"
-                    f" {images.shape[1]}; every case needs the same channels: run `autoseg preprocess` again"
+                    f"{self.cases.folder}: case {case_id} has {image.shape[0]} channels, case"
+                    f" {placements[0][0]} {images.shape[1]}; every case needs the same channels: run"
+                    " `autoseg preprocess` again"
                 )
             crop_with_padding(image, starts, self.sample_size, 0.0, out=images[index])
             label_patch = labels[index, 0]
@@ -144,7 +165,7 @@ class PatchSampler:
                 # stored -1 (outside the nonzero mask) is background; only padding is ignored
                 np.maximum(seg[overlap[0]], 0, out=label_patch[overlap[1]])
         assert images is not None  # batch_size >= 1
-        return images, labels, keys
+        return images, labels
 
     def _foreground_voxel(self, case_id: str, rng: np.random.Generator) -> np.ndarray | None:
         """A stored voxel (z, y, x) of a class chosen uniformly among those present, or None."""
@@ -157,27 +178,26 @@ class PatchSampler:
         chosen = locations[locations[:, 0] == classes[rng.integers(len(classes))]]
         return chosen[rng.integers(len(chosen)), 1:]
 
-    def _place(
-        self, case_id: str, force_foreground: bool, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """The case's image (C, *spatial) and label (*spatial), in 2D the chosen slice, and the sample's start."""
-        image = self.cases.image(case_id)
+    def _place(self, case_id: str, force_foreground: bool, rng: np.random.Generator) -> Placement:
         seg = self.cases.seg(case_id)
-        if image.ndim != 4 or image.shape[1:] != seg.shape:
+        channels_first = self.cases.image(case_id)
+        if channels_first.ndim != 4 or channels_first.shape[1:] != seg.shape:
             raise AutosegError(
-                f"{self.cases.folder}: case {case_id} has image shape {image.shape} and label shape {seg.shape};"
-                " expected (C, z, y, x) and (z, y, x); run `autoseg preprocess` again"
+                f"{self.cases.folder}: case {case_id} has image shape {channels_first.shape} and label shape"
+                f" {seg.shape}; expected (C, z, y, x) and (z, y, x); run `autoseg preprocess` again"
             )
         voxel = self._foreground_voxel(case_id, rng) if force_foreground else None
+        z = None
+        shape = seg.shape
         if self.dim == 2:
             # 2D configurations train on one slice along the first (out-of-plane) axis of the stored volume
             z = int(voxel[0]) if voxel is not None else int(rng.integers(seg.shape[0]))
-            image, seg = image[:, z], seg[z]
+            shape = seg.shape[1:]
             voxel = None if voxel is None else voxel[1:]
         starts = []
-        for axis, (lo, hi) in enumerate(sampling_bounds(seg.shape, self.sample_size, self.patch_size)):
+        for axis, (lo, hi) in enumerate(sampling_bounds(shape, self.sample_size, self.patch_size)):
             if voxel is None:
                 starts.append(int(rng.integers(lo, hi + 1)))
             else:  # centre on the voxel; clamping keeps it inside the sample and the padding within bounds
                 starts.append(int(np.clip(int(voxel[axis]) - self.sample_size[axis] // 2, lo, hi)))
-        return image, seg, starts
+        return case_id, z, tuple(starts)

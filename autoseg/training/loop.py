@@ -111,6 +111,8 @@ class Run:
         # where the augmentation runs; _loaders may fall back to "cpu" (augmentation_note says why)
         self.augmentation_device = self.options.augmentation or ("device" if self.device.type == "cuda" else "cpu")
         self.augmentation_note: str | None = None
+        self.cases_on_device = False  # _loaders decides (autoseg.data.resident)
+        self.cases_on_device_note: str | None = None
         self.position = Position()
         self.compile_seconds: float | None = None
 
@@ -180,16 +182,54 @@ class Run:
         val_aug = validation_augmenter()
         seed, rank = self.options.seed, self.dist.rank
         # Validation batches get their own stream: the same seed with a different rank tag.
-        train = BatchLoader(
-            train_sampler, worker_aug, self.trainer.num_iterations, workers, seed, rank, pin, compact=compact
-        )
-        val = BatchLoader(
-            val_sampler, val_aug, self.trainer.num_val_iterations, workers // 2, seed + 1, rank, pin, compact=compact
-        )
+        resident = self._resident_cases(cases, train_ids + val_ids, compact, device_augmenters is not None)
+        if resident is not None:
+            from autoseg.data.resident import ResidentLoader
+
+            self.num_workers = 0
+            train: Any = ResidentLoader(train_sampler, resident, self.trainer.num_iterations, seed, rank)
+            val: Any = ResidentLoader(val_sampler, resident, self.trainer.num_val_iterations, seed + 1, rank)
+        else:
+            train = BatchLoader(
+                train_sampler, worker_aug, self.trainer.num_iterations, workers, seed, rank, pin, compact=compact
+            )
+            val_workers = workers // 2
+            val = BatchLoader(
+                val_sampler, val_aug, self.trainer.num_val_iterations, val_workers, seed + 1, rank, pin, compact=compact
+            )
         return (
             DeviceBatches(train, self.device, device_augmenters, seed, rank),
             DeviceBatches(val, self.device),
         )
+
+    def _resident_cases(self, cases: Any, case_ids: list[str], compact: bool, device_augmentation: bool) -> Any:
+        """The fold's cases on the device (``autoseg.data.resident``), or None for worker processes; with
+        ``--cases-on-device auto`` only on CUDA, with device augmentation, within a quarter of the free memory."""
+        from autoseg.data.resident import AUTO_SHARE, ResidentCases, resident_bytes
+
+        choice = self.options.cases_on_device or "auto"
+        if choice == "never":
+            return None
+        if not device_augmentation:
+            if choice == "always":
+                self.cases_on_device_note = "the augmentation runs on the CPU, so its workers cut the samples"
+                if self.main:
+                    print(f"autoseg: --cases-on-device always ignored: {self.cases_on_device_note}")
+            return None
+        if choice == "auto":
+            if self.device.type != "cuda":
+                return None
+            needed = resident_bytes(cases, case_ids, compact)
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if needed > AUTO_SHARE * free:
+                self.cases_on_device_note = (
+                    f"the cases need {needed / 2**30:.1f} GiB, more than a quarter of the"
+                    f" {free / 2**30:.1f} GiB free on the device; batches come from worker processes"
+                )
+                return None
+        resident = ResidentCases(cases, case_ids, self.device, compact)
+        self.cases_on_device = True
+        return resident
 
     def _device_augmenters(self, by_epoch: list[Any]) -> Any:
         """The device twins of every augmentation phase, or None to augment on the CPU (``augmentation_note``

@@ -83,6 +83,8 @@ def write_run_json(run: Run, status: str, train_ids: list[str], val_ids: list[st
         "cuda_graphs": run.cuda_graphs,
         "augmentation_device": run.augmentation_device,  # where the training augmentation ran: cpu or device
         "augmentation_note": run.augmentation_note,  # why it ran on the CPU when the device was asked for
+        "cases_on_device": run.cases_on_device,  # batches cut from cases kept on the device, no workers
+        "cases_on_device_note": run.cases_on_device_note,  # why not, where it was asked for or automatic
         "compile_seconds": run.compile_seconds,
         "world_size": run.dist.world_size,
         "fast_dev_run": run.options.fast_dev_run,

@@ -66,6 +66,9 @@ class TrainOptions:
     # where the training augmentation runs: "cpu" (worker processes) or "device" (torch ops on the batch's
     # device, the workers only cut patches); None = "device" on CUDA, "cpu" elsewhere
     augmentation: str | None = None
+    # keep the fold's cases on the device and cut batches there, without workers (autoseg.data.resident):
+    # "auto" (None) = with device augmentation on CUDA when they fit in a quarter of the free GPU memory
+    cases_on_device: str | None = None
     fast_dev_run: bool = False
     resume: bool = False
     overwrite: bool = False
@@ -83,6 +86,10 @@ class TrainOptions:
             raise AutosegError(
                 f"augmentation (--augmentation) must be 'cpu' or 'device', got {self.augmentation!r}; leave it out"
                 " for the default (device on CUDA, cpu elsewhere)"
+            )
+        if self.cases_on_device not in (None, "auto", "always", "never"):
+            raise AutosegError(
+                f"cases_on_device (--cases-on-device) must be 'auto', 'always' or 'never', got {self.cases_on_device!r}"
             )
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise AutosegError(
