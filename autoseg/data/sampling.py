@@ -115,6 +115,7 @@ class PatchSampler:
         self.batch_size = batch_size
         self.oversample_foreground = oversample_foreground
         self.foreground_labels = None if foreground_labels is None else {int(v) for v in foreground_labels}
+        self._shapes: dict[str, tuple[int, ...]] = {}  # spatial shape per case, filled by _shape
 
     @property
     def dim(self) -> int:
@@ -178,21 +179,28 @@ class PatchSampler:
         chosen = locations[locations[:, 0] == classes[rng.integers(len(classes))]]
         return chosen[rng.integers(len(chosen)), 1:]
 
+    def _shape(self, case_id: str) -> tuple[int, ...]:
+        """The case's spatial shape, checked against its image once and then remembered, so that placing a
+        sample opens no file (``cut`` reads the arrays)."""
+        shape = self._shapes.get(case_id)
+        if shape is None:
+            seg, image = self.cases.seg(case_id), self.cases.image(case_id)
+            if image.ndim != 4 or image.shape[1:] != seg.shape:
+                raise AutosegError(
+                    f"{self.cases.folder}: case {case_id} has image shape {image.shape} and label shape"
+                    f" {seg.shape}; expected (C, z, y, x) and (z, y, x); run `autoseg preprocess` again"
+                )
+            shape = self._shapes[case_id] = tuple(int(n) for n in seg.shape)
+        return shape
+
     def _place(self, case_id: str, force_foreground: bool, rng: np.random.Generator) -> Placement:
-        seg = self.cases.seg(case_id)
-        channels_first = self.cases.image(case_id)
-        if channels_first.ndim != 4 or channels_first.shape[1:] != seg.shape:
-            raise AutosegError(
-                f"{self.cases.folder}: case {case_id} has image shape {channels_first.shape} and label shape"
-                f" {seg.shape}; expected (C, z, y, x) and (z, y, x); run `autoseg preprocess` again"
-            )
+        shape = self._shape(case_id)
         voxel = self._foreground_voxel(case_id, rng) if force_foreground else None
         z = None
-        shape = seg.shape
         if self.dim == 2:
             # 2D configurations train on one slice along the first (out-of-plane) axis of the stored volume
-            z = int(voxel[0]) if voxel is not None else int(rng.integers(seg.shape[0]))
-            shape = seg.shape[1:]
+            z = int(voxel[0]) if voxel is not None else int(rng.integers(shape[0]))
+            shape = shape[1:]
             voxel = None if voxel is None else voxel[1:]
         starts = []
         for axis, (lo, hi) in enumerate(sampling_bounds(shape, self.sample_size, self.patch_size)):
