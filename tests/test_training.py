@@ -170,6 +170,30 @@ def test_sigterm_saves_the_state_and_exits_130(prepared: tuple[Path, Path], tmp_
     assert json.loads((fold / "run.json").read_text())["status"] == "finished"
 
 
+def test_sigterm_while_writing_the_epoch_files_waits_for_them() -> None:
+    """A SIGTERM inside the end-of-epoch writes (matplotlib's drawing) is raised after them, not inside."""
+    import signal
+    import time
+
+    from autoseg.training.loop import _SIGTERM
+
+    finished = []
+    with _SIGTERM.installed():
+        with pytest.raises(KeyboardInterrupt), _SIGTERM.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, in the main thread
+            finished.append("plot written")
+        assert finished == ["plot written"]
+        with pytest.raises(KeyboardInterrupt):  # outside the block it interrupts at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            finished.append("not reached")
+        with _SIGTERM.deferred():  # nothing pending: the block ends normally
+            pass
+    assert finished == ["plot written"]
+    assert signal.getsignal(signal.SIGTERM) != _SIGTERM.handler  # the previous handler is back
+
+
 def test_existing_run_needs_resume_or_overwrite(prepared: tuple[Path, Path], tmp_path: Path) -> None:
     paths = paths_for(prepared, tmp_path)
     run_fold(prepared, paths, epochs=1)

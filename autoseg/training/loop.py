@@ -30,22 +30,50 @@ from autoseg.training.resume import Position, prepare_output, save
 from autoseg.training.trainer import Trainer
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler's kill) is handled like Ctrl-C, so the latest state is saved first."""
+class _SigtermGate:
+    """SIGTERM (a scheduler's kill) is handled like Ctrl-C, so the latest state is saved first.
 
-    def handler(signum: int, frame: object) -> None:
+    Inside ``deferred()`` a SIGTERM only marks itself, and the KeyboardInterrupt is raised when the block
+    ends: an interrupt raised inside matplotlib's drawing of progress.png came out as "ValueError: Invalid
+    bounding box" and exit 1, with no state saved (seen in CI).
+    """
+
+    def __init__(self) -> None:
+        self.deferring = False
+        self.pending = False
+
+    def handler(self, signum: int, frame: object) -> None:
+        if self.deferring:
+            self.pending = True
+            return
         raise KeyboardInterrupt
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        self.pending = False
+        try:
+            previous = signal.signal(signal.SIGTERM, self.handler)
+        except ValueError:  # not the main thread: leave signals alone
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+_SIGTERM = _SigtermGate()
 
 
 def _precision(device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -385,11 +413,12 @@ class Run:
         )
         pos.records.append(record)
         pos.epoch, pos.iteration, pos.partial_losses = epoch + 1, 0, []
-        if new_best:
-            save(self, "checkpoint_best.pt")
-        if self.main:
-            write_log(self.out / "log.jsonl", pos.records)
-            plot_progress(self.out / "progress.png", pos.records)
+        with _SIGTERM.deferred():  # the best checkpoint, the log and the plot are written whole
+            if new_best:
+                save(self, "checkpoint_best.pt")
+            if self.main:
+                write_log(self.out / "log.jsonl", pos.records)
+                plot_progress(self.out / "progress.png", pos.records)
             if self.options.show_progress:
                 from tqdm import tqdm
 
@@ -397,7 +426,7 @@ class Run:
         return record
 
     def train(self) -> None:
-        with _sigterm_as_interrupt():
+        with _SIGTERM.installed():
             self._train()
 
     def _train(self) -> None:
