@@ -13,12 +13,17 @@ cope with them better, not memorise them.
 With ``--train-contrast adult`` the training cases are all adult-contrast, older (larger) heads, as a
 dataset collected from adolescents, and the test cases come from a separate mixed dataset: infant contrast
 and head size are then conditions the network never saw, which is what the augmentation is for.
+``--train-infants N`` turns N of fold 0's training cases of that set into infants with inverted contrast: a
+training set that holds a few of the test conditions.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,10 +31,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import experiment
 from experiment import foreground_dice_per_case, group_means, predict_and_score, print_table, run, train_fold
 
-from autoseg.example import case_ids, make_case_with_info, make_example_dataset
+from autoseg.data.splits import kfold_splits
+from autoseg.example import FILE_ENDING, case_ids, dataset_json, make_case, make_case_with_info, make_example_dataset
+from autoseg.io import write_image, write_segmentation
 
 TRAIN_ONE_CONTRAST = "Dataset004_OneContrastPhantom"
 MIXED_TEST = "Dataset005_MixedPhantomTest"
+TRAIN_FEW_INFANTS = "Dataset006_FewInfantsPhantom"
+
+
+def make_few_infants_dataset(out: Path, num_training: int, infants: int, size: int, seed: int) -> Path:
+    """``contrast="adult"`` training cases, but the last ``infants`` of fold 0's training cases (the default
+    5-fold split) inverted-contrast infants, so that fold 0 trains on them; written once, then reused."""
+    training, _ = case_ids(num_training, 0)
+    infant_ids = set(kfold_splits(training)[0]["train"][-infants:])
+    description = dataset_json(num_training, 0, size, seed, "adult", TRAIN_FEW_INFANTS)
+    description["description"] = (
+        f"Procedural brain T1 phantoms ({num_training} training cases, base grid {size}^3, seed {seed}): adult"
+        f" contrast and adolescent heads, except {infants} infants with inverted contrast:"
+        f" {', '.join(sorted(infant_ids))}."
+    )
+    target = out / TRAIN_FEW_INFANTS
+    if target.is_dir():
+        if json.loads((target / "dataset.json").read_text()) != description:
+            raise SystemExit(f"{target} was made with other settings; delete it or choose another --out")
+        return target
+    staging = Path(tempfile.mkdtemp(prefix=f".{TRAIN_FEW_INFANTS}.partial-", dir=out))
+    try:
+        for split in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+            (staging / split).mkdir()
+        for index, case_id in enumerate(training):
+            image, label, geometry = make_case(index, seed, size, "inverted" if case_id in infant_ids else "adult")
+            write_image(image, geometry, staging / "imagesTr" / f"{case_id}_0000{FILE_ENDING}")
+            write_segmentation(label, geometry, staging / "labelsTr" / f"{case_id}{FILE_ENDING}")
+        (staging / "dataset.json").write_text(json.dumps(description, indent=2))
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
 
 
 def main() -> None:
@@ -50,6 +90,10 @@ def main() -> None:
         "--train-contrast", choices=["adult", "isointense", "inverted"],
         help="train on this contrast regime only and test on a separate mixed dataset (default: mixed training)",
     )  # fmt: skip
+    parser.add_argument(
+        "--train-infants", type=int, default=0, metavar="N",
+        help="with --train-contrast adult: N of fold 0's training cases are inverted-contrast infants",
+    )  # fmt: skip
     parser.add_argument("--plugins", nargs="+", default=[], metavar="FILE", help="plug-in files (trainer variants)")
     parser.add_argument("--reuse", action="store_true", help="keep folds that finished with the same budget")
     args = parser.parse_args()
@@ -60,9 +104,15 @@ def main() -> None:
     if args.train_contrast is None:
         raw = make_example_dataset(out / "raw", args.train, args.test, args.size, args.seed, show_progress=False)
         test, test_seed, first_test_index = raw, args.seed, args.train
+    elif args.train_infants:
+        if args.train_contrast != "adult":
+            parser.error("--train-infants needs --train-contrast adult")
+        (out / "raw").mkdir(parents=True, exist_ok=True)
+        raw = make_few_infants_dataset(out / "raw", args.train, args.train_infants, args.size, args.seed)
     else:
         raw = make_example_dataset(out / "raw", args.train, 0, args.size, args.seed, show_progress=False,
                                    contrast=args.train_contrast, dataset_name=TRAIN_ONE_CONTRAST)  # fmt: skip
+    if args.train_contrast is not None:
         test_seed, first_test_index = args.seed + 1, 1
         test = make_example_dataset(out / "raw", 1, args.test, args.size, test_seed, show_progress=False,
                                     dataset_name=MIXED_TEST)  # fmt: skip
@@ -94,6 +144,7 @@ def main() -> None:
         dice[trainer] = foreground_dice_per_case(summary)
 
     training = f"{args.train} training cases" + (f" of {args.train_contrast} contrast" if args.train_contrast else "")
+    training += f" ({args.train_infants} of fold 0's training cases infants)" if args.train_infants else ""
     print(f"\nTest-set mean foreground Dice by condition ({args.test} cases of {test.name}, size {args.size},"
           f" fold 0 of {training}, {args.epochs} epochs x {args.iterations} iterations, seed {args.seed},"
           f" training seed {train_seed})")  # fmt: skip

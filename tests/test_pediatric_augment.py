@@ -219,7 +219,9 @@ def test_defaults_are_off_pediatric_remaps_and_pediatric_artefacts_switches_ever
 
     def trainer_for(patch: tuple[int, ...]) -> PediatricArtefactsTrainer:
         setup = SimpleNamespace(configuration=SimpleNamespace(patch_size=patch))
-        return PediatricArtefactsTrainer(setup)  # type: ignore[arg-type]
+        trainer = PediatricArtefactsTrainer(setup)  # type: ignore[arg-type]
+        trainer.contrast_variety = None  # type: ignore[misc]  # no preprocessed data: the remapping stays on
+        return trainer
 
     assert trainer_for((32, 32, 32)).train_augmentations().elastic_alpha == (0.0, 900.0)
     assert trainer_for((64, 64)).train_augmentations().elastic_alpha == (0.0, 200.0)
@@ -232,6 +234,7 @@ def test_the_pediatric_trainers_end_with_the_default_augmentation(trainer_class)
 
     setup = SimpleNamespace(configuration=SimpleNamespace(patch_size=(32, 32, 32)))
     trainer = trainer_class(setup, TrainOptions(epochs=40))  # type: ignore[arg-type]
+    trainer.contrast_variety = None  # no preprocessed data (tests/test_contrast_variety.py reads real cases)
     assert [trainer.epoch_augmentations(e) == trainer_class.augmentation for e in (0, 29)] == [True, True]
     assert trainer.epoch_augmentations(30) == AugmentationParams() == trainer.epoch_augmentations(39)
 

@@ -1,9 +1,12 @@
 """nnU-Net's recipe plus grey/white contrast remapping (augment/pediatric.py), registered as ``pediatric``."""
 
 import dataclasses
-from typing import ClassVar
+import functools
+from typing import Any, ClassVar
 
 from autoseg.augment.params import AugmentationParams
+from autoseg.data.cases import PreprocessedCases
+from autoseg.data.contrast import ContrastVariety, contrast_variety
 from autoseg.training.trainer import Trainer, register_trainer
 
 
@@ -11,19 +14,58 @@ from autoseg.training.trainer import Trainer, register_trainer
 class PediatricTrainer(Trainer):
     """Infant contrast, small heads or motion in test scans but not in training: grey/white contrast remapping.
 
-    The last quarter of the epochs trains with nnU-Net's augmentation alone."""
+    The remapping is left off when the training set already shows more than one tissue contrast; the last
+    quarter of the epochs trains with nnU-Net's augmentation alone."""
 
     # Of the pediatric transforms, the contrast remapping carries the gain (benchmarks/effects.md, adult-contrast
-    # training, mixed test set): alone at p 0.2 with the final default quarter, at 80 epochs it raised the
-    # youngest third by 0.065, motion cases by 0.019 and inverted contrast by 0.098 with clean cases unchanged
-    # (0.9355 both). Bias field, motion, ghosting, thick slices, wider scaling and elastic deformation added a
-    # cost on clean cases and no gain there; they are the `pediatric_artefacts` trainer.
+    # training, mixed test set): alone at p 0.2 with the final default quarter, at 80 epochs and two seeds it
+    # raised the youngest third by 0.066 and motion cases by 0.019, clean cases -0.002. Bias field, motion,
+    # ghosting, thick slices, wider scaling and elastic deformation added a cost on clean cases and no gain
+    # there; they are the `pediatric_artefacts` trainer.
     augmentation: ClassVar[AugmentationParams] = dataclasses.replace(AugmentationParams(), p_contrast_remap=0.2)
     # The last quarter of the epochs trains with nnU-Net's own augmentation (better on every condition with
     # all the artefacts on, about even with the remapping alone).
     final_default_fraction: ClassVar[float] = 0.25
+    # Where the training set already holds the other contrasts (mixed training data) the remapping cost Dice on
+    # every condition at 20 to 80 epochs (benchmarks/effects.md). It is left off when at least this fraction
+    # of the training cases orders the labels' mean intensities differently from the majority (autoseg.data.
+    # contrast); the phantoms' mixed training set has 0.25, an adult-only one 0. None: always remap.
+    remap_off_from_other_contrast: ClassVar[float | None] = 0.1
+
+    @functools.cached_property
+    def contrast_variety(self) -> ContrastVariety | None:
+        """The training set's tissue orders (every training case of the dataset, so every fold agrees)."""
+        setup = self.setup
+        foreground = sorted(v for v in setup.plan.labels.values() if v != 0)
+        cases = PreprocessedCases(setup.data_dir, setup.case_ids)
+        return contrast_variety(cases, setup.case_ids, foreground)
+
+    def remaps_contrast(self) -> bool:
+        if self.remap_off_from_other_contrast is None:
+            return True
+        variety = self.contrast_variety
+        return variety is None or variety.other_fraction < self.remap_off_from_other_contrast
+
+    def train_augmentations(self) -> AugmentationParams:
+        if self.remaps_contrast():
+            return self.augmentation
+        return dataclasses.replace(self.augmentation, p_contrast_remap=0.0)
 
     def epoch_augmentations(self, epoch: int) -> AugmentationParams:
         if epoch >= round((1.0 - self.final_default_fraction) * self.num_epochs):
             return Trainer.augmentation
         return self.train_augmentations()
+
+    def notes(self) -> dict[str, Any]:
+        if self.remap_off_from_other_contrast is None:
+            return {"contrast_remap": "on (remap_off_from_other_contrast is None)"}
+        variety = self.contrast_variety
+        if variety is None:
+            return {"contrast_remap": "on: fewer than two foreground labels to order"}
+        names = {v: k for k, v in self.setup.plan.labels.items()}
+        state = "on" if self.remaps_contrast() else "off"
+        threshold = self.remap_off_from_other_contrast
+        return {
+            "contrast_remap": f"{state}: {variety.describe(names)}; off from {threshold:.0%}",
+            "other_contrast_cases": list(variety.other_order_cases),
+        }

@@ -39,7 +39,8 @@ class PediatricArtefactsTrainer(PediatricTrainer):
     elastic_alpha_2d: ClassVar[tuple[float, float]] = (0.0, 200.0)
 
     def train_augmentations(self) -> AugmentationParams:
+        params = super().train_augmentations()  # the remapping off where the training set mixes contrasts
         patch = self.setup.configuration.patch_size
-        if len(patch) == 2 or spatial_setup(patch, self.augmentation).do_dummy_2d:
-            return dataclasses.replace(self.augmentation, elastic_alpha=self.elastic_alpha_2d)
-        return self.augmentation
+        if len(patch) == 2 or spatial_setup(patch, params).do_dummy_2d:
+            return dataclasses.replace(params, elastic_alpha=self.elastic_alpha_2d)
+        return params

@@ -134,6 +134,11 @@ class Run:
             self.model = torch.compile(self.model, mode=mode)  # type: ignore[assignment]
 
         self.params = trainer.epoch_augmentations(0)
+        self.trainer_notes = trainer.notes()
+        if self.main:
+            for key, value in self.trainer_notes.items():
+                if isinstance(value, str):
+                    print(f"autoseg: {self.setup.trainer_name}: {key} {value}")
         self.spatial = spatial_setup(self.setup.configuration.patch_size, self.params)
         self.augmentation_phases: list[tuple[int, Any]] = []  # (first epoch, params) of a schedule
         # where the augmentation runs; _loaders may fall back to "cpu" (augmentation_note says why)

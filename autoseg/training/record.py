@@ -73,6 +73,7 @@ def write_run_json(run: Run, status: str, train_ids: list[str], val_ids: list[st
         "augmentation": serialization.to_jsonable(run.params),
         # a scheduled augmentation (epoch_augmentations): from which epoch on which values differ from epoch 0's
         "augmentation_schedule": _schedule(run.params, run.augmentation_phases),
+        "trainer_notes": run.trainer_notes,  # what the trainer decided from the data (Trainer.notes)
         "deep_supervision_weights": run.ds_weights,
         "num_workers": run.num_workers,
         "seed": run.options.seed,

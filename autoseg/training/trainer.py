@@ -225,6 +225,11 @@ class Trainer:
         A pure function of the epoch, so a resumed run augments as an uninterrupted one."""
         return self.train_augmentations()
 
+    def notes(self) -> dict[str, Any]:
+        """What this trainer decided from the data (JSON values), written to run.json as ``trainer_notes``; the
+        text values are also printed when training starts."""
+        return {}
+
     def on_epoch_start(self, epoch: int) -> None:
         """Called before every epoch on every rank (also the first one after a resume): set what depends on
         the epoch only (a loss weight ramp, a frozen encoder), so a resumed run equals an uninterrupted one."""
