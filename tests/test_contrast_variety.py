@@ -98,6 +98,8 @@ def test_pediatric_remaps_unless_the_training_set_mixes_contrasts() -> None:
         assert trainer.notes()["contrast_remap"].startswith(shown)
     assert _trainer_with(one_in_twenty).remaps_contrast()  # 5 % < 10 %
     assert _trainer_with(one_in_ten, threshold=None).epoch_augmentations(0) == remapping  # always remap
+    assert _trainer_with(one_in_ten, threshold=None).notes()["contrast_remap"].startswith("on: 2 of 20")
+    assert _trainer_with(one_in_ten, threshold=None).notes()["contrast_remap"].endswith("; always")
 
 
 @pytest.fixture(scope="module")

@@ -57,15 +57,13 @@ class PediatricTrainer(Trainer):
         return self.train_augmentations()
 
     def notes(self) -> dict[str, Any]:
-        if self.remap_off_from_other_contrast is None:
-            return {"contrast_remap": "on (remap_off_from_other_contrast is None)"}
         variety = self.contrast_variety
         if variety is None:
             return {"contrast_remap": "on: fewer than two foreground labels to order"}
         names = {v: k for k, v in self.setup.plan.labels.items()}
-        state = "on" if self.remaps_contrast() else "off"
         threshold = self.remap_off_from_other_contrast
+        rule = "always" if threshold is None else f"off from {threshold:.0%}"
         return {
-            "contrast_remap": f"{state}: {variety.describe(names)}; off from {threshold:.0%}",
+            "contrast_remap": f"{'on' if self.remaps_contrast() else 'off'}: {variety.describe(names)}; {rule}",
             "other_contrast_cases": list(variety.other_order_cases),
         }
