@@ -289,7 +289,7 @@ def test_ddp_with_gloo_and_two_processes(prepared: tuple[Path, Path], tmp_path: 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        "-m", "autoseg", "-q", "train", str(prepared[0]), CONFIG, "0", "--preprocessed", str(prepared[1]),
+        "-m", "autoseg", "train", str(prepared[0]), CONFIG, "0", "--preprocessed", str(prepared[1]),
         "--results", str(results), "--epochs", "2", "--iterations-per-epoch", "2", "--val-iterations", "1",
         "--num-workers", "0", "--no-tta", "--device", "cpu",
     ]  # fmt: skip
@@ -300,6 +300,7 @@ def test_ddp_with_gloo_and_two_processes(prepared: tuple[Path, Path], tmp_path: 
     assert run["world_size"] == 2 and run["batch_size_per_process"] * 2 >= run["batch_size"]
     assert run["status"] == "finished"
     assert len((fold / "log.jsonl").read_text().splitlines()) == 2
+    assert done.stdout.count("epoch 1: train loss") == 1, done.stdout  # the main process reports, once
     assert not list(fold.glob(".*"))  # no temporaries left by a second writer
     shutil.rmtree(results)
 

@@ -424,10 +424,10 @@ class Run:
             if self.main:
                 write_log(self.out / "log.jsonl", pos.records)
                 plot_progress(self.out / "progress.png", pos.records)
-            if self.options.show_progress:
-                from tqdm import tqdm
+        if self.main and self.options.show_progress:
+            from tqdm import tqdm
 
-                tqdm.write(record.line())
+            tqdm.write(record.line())
         return record
 
     def train(self) -> None:
