@@ -90,6 +90,11 @@ class Plan:
     foreground_intensity_per_channel: tuple[IntensityStats, ...]
     configurations: dict[str, Configuration]
 
+    @property
+    def foreground_labels(self) -> list[int]:
+        """The label values other than background (0), sorted."""
+        return sorted(v for v in self.labels.values() if v != 0)
+
     def configuration(self, name: str) -> Configuration:
         from autoseg.errors import AutosegError
 

@@ -43,8 +43,10 @@ def test_case_orders_reads_at_most_the_cap_per_class() -> None:
     label = np.ones((30, 30, 30), np.int16)
     label[:15] = 2
     image = np.where(label == 1, 1.0, 0.0)[None].astype(np.float32)
-    image[0, 0, 0, 0] = 1e9  # the first row of class 2: read, and it decides the order
-    assert 2 * MAX_VOXELS_PER_CLASS < 15 * 900
+    assert 2 * MAX_VOXELS_PER_CLASS < 15 * 900  # so every second row of class 2 at least is skipped
+    image[0, 0, 0, 1] = 1e9  # the second row of class 2: read, it would make class 2 the brighter
+    assert case_orders(image, _locations(label, (1, 2)), (1, 2)) == ((2, 1),)
+    image[0, 0, 0, 0] = 1e9  # the first row of class 2 is read
     assert case_orders(image, _locations(label, (1, 2)), (1, 2)) == ((1, 2),)
 
 

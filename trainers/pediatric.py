@@ -36,9 +36,8 @@ class PediatricTrainer(Trainer):
     def contrast_variety(self) -> ContrastVariety | None:
         """The training set's tissue orders (every training case of the dataset, so every fold agrees)."""
         setup = self.setup
-        foreground = sorted(v for v in setup.plan.labels.values() if v != 0)
         cases = PreprocessedCases(setup.data_dir, setup.case_ids)
-        return contrast_variety(cases, setup.case_ids, foreground)
+        return contrast_variety(cases, setup.case_ids, setup.plan.foreground_labels)
 
     def remaps_contrast(self) -> bool:
         if self.remap_off_from_other_contrast is None:

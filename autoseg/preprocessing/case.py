@@ -89,7 +89,7 @@ def preprocess_case(
     if label is not None:
         out_label = resample_label(cropped_label, new_shape, spacing, new_spacing, configuration.resampling)
         out_label = out_label.astype(np.int16 if max(plan.labels.values()) > 127 else np.int8, copy=False)
-        foreground = sorted(v for v in plan.labels.values() if v != 0)
+        foreground = plan.foreground_labels
         per_class = sample_class_locations(out_label, foreground, seed)
         locations = np.concatenate(
             [np.column_stack([np.full(len(c), v, np.int32), c.astype(np.int32)]) for v, c in per_class.items()]

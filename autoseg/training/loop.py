@@ -185,7 +185,7 @@ class Run:
 
         conf = self.setup.configuration
         batch = self.dist.share_batch(self.trainer.batch_size)
-        foreground = sorted(v for v in self.setup.plan.labels.values() if v != 0)
+        foreground = self.setup.plan.foreground_labels
         workers = self.options.num_workers
         if workers is None:
             from autoseg.parallel import available_cores
