@@ -19,7 +19,7 @@ from autoseg.example import make_example_dataset
 from autoseg.paths import Paths
 from autoseg.pipeline import plan_and_preprocess, train
 from autoseg.training import checkpoint as ckpt
-from autoseg.training.trainer import TrainOptions
+from autoseg.training.trainer import TrainOptions, register_trainer
 
 
 def _locations(label: np.ndarray, classes: tuple[int, ...]) -> np.ndarray:
@@ -104,6 +104,36 @@ def test_pediatric_remaps_unless_the_training_set_mixes_contrasts() -> None:
     assert _trainer_with(one_in_ten, threshold=None).notes()["contrast_remap"].endswith("; always")
 
 
+def test_pediatric_can_draw_the_cases_of_another_order_more_often() -> None:
+    ids = [f"c{i}" for i in range(8)]
+    two_of_eight = ContrastVariety(8, ((1, 2, 3),), ("c0", "c5"))
+    trainer = _trainer_with(two_of_eight)
+    assert trainer.other_contrast_share == 0.25  # shipped
+    assert trainer.case_weights(ids) is None  # 2 of 8 are a quarter already
+    assert trainer.notes()["other_contrast_share"].startswith("off: 25% of the training cases in another order")
+    trainer.other_contrast_share = None  # type: ignore[misc]
+    assert trainer.case_weights(ids) is None and "other_contrast_share" not in trainer.notes()
+    trainer.other_contrast_share = 0.5  # type: ignore[misc]
+    weights = np.asarray(trainer.case_weights(ids))
+    share = weights[[0, 5]].sum() / weights.sum()
+    assert share == pytest.approx(0.5) and len(set(weights[[1, 2, 3, 4, 6, 7]])) == 1
+    assert trainer.notes()["other_contrast_share"].startswith("on: the cases in another order drawn as at least 50%")
+    trainer.other_contrast_share = 0.2  # type: ignore[misc]
+    assert trainer.case_weights(ids) is None  # 2 of 8 are already 25 %
+    assert trainer.notes()["other_contrast_share"] == "off: 25% of the training cases in another order, at least 20%"
+    trainer.other_contrast_share = 0.3  # type: ignore[misc]
+    # the dataset decides (2 of 8): a fold with 1 of 4 would be below 30 % too, one with 2 of 4 is above it
+    assert trainer.case_weights(["c0", "c1", "c2", "c3"]) is not None
+    assert trainer.case_weights(["c0", "c1", "c5", "c3"]) is None
+    trainer.other_contrast_share = 0.5  # type: ignore[misc]
+    assert trainer.case_weights(["c1", "c2"]) is None  # none of this fold's cases is in another order
+    assert trainer.case_weights(["c0", "c5"]) is None  # all of them are
+    remapping = _trainer_with(ContrastVariety(20, ((1, 2, 3),), ("c0",)))  # 5 %: the remapping is on instead
+    remapping.other_contrast_share = 0.5  # type: ignore[misc]
+    assert remapping.remaps_contrast() and remapping.case_weights(ids) is None
+    assert "other_contrast_share" not in remapping.notes()
+
+
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Paths]]:
     """8 mixed-contrast and 8 adult-contrast brain phantoms of 24^3, preprocessed for 3d_fullres."""
@@ -143,6 +173,9 @@ def test_pediatric_trains_as_default_on_mixed_contrasts_and_remaps_on_adult_ones
     run = json.loads((folds["pediatric"] / "run.json").read_text())
     assert run["trainer_notes"]["contrast_remap"].startswith("off: ")
     assert run["augmentation"]["p_contrast_remap"] == 0.0
+    # a quarter or more of these phantoms are in another order: every case drawn equally often, as `default`
+    assert run["trainer_notes"]["other_contrast_share"].startswith("off: ")
+    assert run["train_case_probabilities"] is None
     states = {t: ckpt.load_checkpoint(f / "checkpoint_final.pt")[0]["network"] for t, f in folds.items()}
     assert all(torch.equal(states["default"][k], states["pediatric"][k]) for k in states["default"])
 
@@ -152,3 +185,25 @@ def test_pediatric_trains_as_default_on_mixed_contrasts_and_remaps_on_adult_ones
     )
     assert run["trainer_notes"]["contrast_remap"].startswith("on: 0 of 8 training cases")
     assert run["augmentation"]["p_contrast_remap"] == 0.2
+
+
+@register_trainer("test_ped_half_other")
+class _HalfOther(PediatricTrainer):
+    other_contrast_share = 0.5
+
+
+def test_the_drawn_share_reaches_the_sampler_and_run_json(phantoms) -> None:
+    options = TrainOptions(epochs=1, iterations_per_epoch=1, val_iterations=1, num_workers=0, show_progress=False,
+                           validation_mirroring=False, device="cpu", overwrite=True)  # fmt: skip
+    raw, paths = phantoms["mixed"]
+    run = json.loads(
+        (train(raw, paths, "3d_fullres", 0, trainer="test_ped_half_other", options=options) / "run.json").read_text()
+    )
+    other = set(run["trainer_notes"]["other_contrast_cases"]) & set(run["train_cases"])
+    probabilities = run["train_case_probabilities"]
+    assert 0 < len(other) < len(run["train_cases"]) / 2  # these phantoms: fewer than half in another order
+    assert set(probabilities) == set(run["train_cases"])
+    assert sum(probabilities[c] for c in other) == pytest.approx(0.5, abs=1e-5)
+    assert run["trainer_notes"]["other_contrast_share"].startswith("on: the cases in another order")
+    default = json.loads((train(raw, paths, "3d_fullres", 0, options=options) / "run.json").read_text())
+    assert default["train_case_probabilities"] is None

@@ -190,6 +190,26 @@ def test_sampler_shapes_types_and_labels(folder):
     assert np.array_equal(image[:, :1][inside], label[inside].astype(np.float32))  # image and label aligned
 
 
+def test_case_weights_set_how_often_each_case_is_drawn(folder):
+    cases = PreprocessedCases(folder, ["case00", "case01", "case02"])
+    ids = cases.case_ids
+
+    def drawn(weights):
+        sampler = PatchSampler(cases, ids, (8, 8, 8), (8, 8, 8), batch_size=4, case_weights=weights)
+        rng = np.random.default_rng(0)
+        picks = [case for _ in range(300) for case, _, _ in sampler.place(rng)]
+        return {case: picks.count(case) / len(picks) for case in ids}
+
+    share = drawn([0.0, 1.0, 3.0])
+    assert share["case00"] == 0.0
+    assert share["case02"] == pytest.approx(0.75, abs=0.04) and share["case01"] == pytest.approx(0.25, abs=0.04)
+    uniform = drawn(None)
+    assert all(v == pytest.approx(1 / 3, abs=0.04) for v in uniform.values())
+    for bad in ([1.0, 1.0], [1.0, -1.0, 1.0], [0.0, 0.0, 0.0], [1.0, float("nan"), 1.0]):
+        with pytest.raises(ValueError, match="case_weights"):
+            PatchSampler(cases, ids, (8, 8, 8), (8, 8, 8), batch_size=2, case_weights=bad)
+
+
 def test_stored_minus_one_becomes_background(folder):
     cases = PreprocessedCases(folder, ["case00"])
     sampler = PatchSampler(cases, ["case00"], (20, 24, 22), (20, 24, 22), batch_size=1, oversample_foreground=0)

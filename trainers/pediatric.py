@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from autoseg.augment.params import AugmentationParams
@@ -15,7 +16,8 @@ class PediatricTrainer(Trainer):
     """Infant contrast, small heads or motion in test scans but not in training: grey/white contrast remapping.
 
     The remapping is left off when the training set already shows more than one tissue contrast; the last
-    quarter of the epochs trains with nnU-Net's augmentation alone."""
+    quarter of the epochs trains with nnU-Net's augmentation alone. Where the other contrast is rare (a few
+    infants among adults), its cases are drawn as a quarter of the training samples instead."""
 
     # Of the pediatric transforms, the contrast remapping carries the gain (benchmarks/effects.md, adult-contrast
     # training, mixed test set): alone at p 0.2 with the final default quarter, at 80 epochs and two seeds it
@@ -31,6 +33,11 @@ class PediatricTrainer(Trainer):
     # of the training cases orders the labels' mean intensities differently from the majority (autoseg.data.
     # contrast); the phantoms' mixed training set has 0.25, an adult-only one 0. None: always remap.
     remap_off_from_other_contrast: ClassVar[float | None] = 0.1
+    # Where the remapping is off but fewer than this share of the training cases order the tissues differently
+    # from the majority (a few infants among adults), those cases are drawn as this share of the samples. With 2
+    # infants among 20 cases at 40 epochs (benchmarks/effects.md) that raised the youngest third by 0.027 and
+    # cost the clean cases 0.004. None: every case equally often.
+    other_contrast_share: ClassVar[float | None] = 0.25
 
     @functools.cached_property
     def contrast_variety(self) -> ContrastVariety | None:
@@ -55,6 +62,28 @@ class PediatricTrainer(Trainer):
             return Trainer.augmentation
         return self.train_augmentations()
 
+    def draws_other_contrast_more_often(self) -> bool:
+        """The remapping is off and the dataset's cases in another order are fewer than ``other_contrast_share``
+        (decided on every training case of the dataset, so every fold agrees)."""
+        share, variety = self.other_contrast_share, self.contrast_variety
+        return (
+            share is not None
+            and variety is not None
+            and not self.remaps_contrast()
+            and (variety.other_fraction < share)
+        )
+
+    def case_weights(self, case_ids: Sequence[str]) -> Sequence[float] | None:
+        share, variety = self.other_contrast_share, self.contrast_variety
+        if share is None or variety is None or not self.draws_other_contrast_more_often():
+            return None
+        other = set(variety.other_order_cases)
+        count_other = sum(c in other for c in case_ids)
+        if count_other == 0 or count_other == len(case_ids) or count_other / len(case_ids) >= share:
+            return None  # this fold's cases: none, all, or enough in another order
+        other_weight, majority_weight = share / count_other, (1.0 - share) / (len(case_ids) - count_other)
+        return [other_weight if c in other else majority_weight for c in case_ids]
+
     def notes(self) -> dict[str, Any]:
         variety = self.contrast_variety
         if variety is None:
@@ -62,7 +91,15 @@ class PediatricTrainer(Trainer):
         names = {v: k for k, v in self.setup.plan.labels.items()}
         threshold = self.remap_off_from_other_contrast
         rule = "always" if threshold is None else f"off from {threshold:.0%}"
-        return {
+        notes = {
             "contrast_remap": f"{'on' if self.remaps_contrast() else 'off'}: {variety.describe(names)}; {rule}",
             "other_contrast_cases": list(variety.other_order_cases),
         }
+        if self.other_contrast_share is not None and not self.remaps_contrast():
+            share = f"{self.other_contrast_share:.0%}"
+            notes["other_contrast_share"] = (
+                f"on: the cases in another order drawn as at least {share} of the training samples"
+                if self.draws_other_contrast_more_often()
+                else f"off: {variety.other_fraction:.0%} of the training cases in another order, at least {share}"
+            )
+        return notes

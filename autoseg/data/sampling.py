@@ -85,6 +85,18 @@ def crop_with_padding(
     return out
 
 
+def _case_probabilities(case_ids: Sequence[str], weights: Sequence[float] | None) -> np.ndarray | None:
+    """Relative sampling weights, one per case, as probabilities; None stays None (uniform)."""
+    if weights is None:
+        return None
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(case_ids),) or not np.all(np.isfinite(w)) or w.min() < 0 or w.sum() <= 0:
+        raise ValueError(
+            f"case_weights must give one finite weight >= 0 per case ({len(case_ids)}), not all 0; got {list(w)}"
+        )
+    return w / w.sum()
+
+
 class PatchSampler:
     """Cuts training samples out of preprocessed cases; ``sample(rng)`` is a pure function of the generator."""
 
@@ -97,6 +109,7 @@ class PatchSampler:
         batch_size: int,
         oversample_foreground: float = 0.33,  # nnU-Net's oversample_foreground_percent
         foreground_labels: Sequence[int] | None = None,
+        case_weights: Sequence[float] | None = None,
     ) -> None:
         if len(patch_size) not in (2, 3) or len(sample_size) != len(patch_size):
             raise ValueError(f"patch_size {tuple(patch_size)} and sample_size {tuple(sample_size)} must be 2D or 3D")
@@ -110,6 +123,7 @@ class PatchSampler:
             )
         self.cases = cases
         self.case_ids = list(case_ids)
+        self.case_probabilities = _case_probabilities(self.case_ids, case_weights)
         self.patch_size = tuple(int(s) for s in patch_size)
         self.sample_size = tuple(int(s) for s in sample_size)
         self.batch_size = batch_size
@@ -137,7 +151,11 @@ class PatchSampler:
         All of a batch's random draws happen here, so the batch is the same whether ``cut`` reads it from the
         stored cases or ``ResidentCases`` cuts it on the device.
         """
-        keys = [self.case_ids[i] for i in rng.integers(0, len(self.case_ids), self.batch_size)]
+        if self.case_probabilities is None:  # nnU-Net: every case equally often
+            picks = rng.integers(0, len(self.case_ids), self.batch_size)
+        else:
+            picks = rng.choice(len(self.case_ids), self.batch_size, p=self.case_probabilities)
+        keys = [self.case_ids[i] for i in picks]
         return [self._place(case_id, self.is_forced(index), rng) for index, case_id in enumerate(keys)]
 
     def cut(self, placements: Sequence[Placement]) -> tuple[np.ndarray, np.ndarray]:

@@ -141,6 +141,7 @@ class Run:
                     print(f"autoseg: {self.setup.trainer_name}: {key} {value}")
         self.spatial = spatial_setup(self.setup.configuration.patch_size, self.params)
         self.augmentation_phases: list[tuple[int, Any]] = []  # (first epoch, params) of a schedule
+        self.train_case_probabilities: dict[str, float] | None = None  # Trainer.case_weights; None: uniform
         # where the augmentation runs; _loaders may fall back to "cpu" (augmentation_note says why)
         self.augmentation_device = self.options.augmentation or ("device" if self.device.type == "cuda" else "cpu")
         self.augmentation_note: str | None = None
@@ -198,8 +199,11 @@ class Run:
         cases = PreprocessedCases(self.setup.data_dir, sorted(set(train_ids) | set(val_ids)))
         train_sampler = PatchSampler(
             cases, train_ids, conf.patch_size, self.spatial.sample_size, batch,
-            self.trainer.oversample_foreground, foreground,
+            self.trainer.oversample_foreground, foreground, self.trainer.case_weights(train_ids),
         )  # fmt: skip
+        probabilities = train_sampler.case_probabilities
+        if probabilities is not None:
+            self.train_case_probabilities = {c: round(float(p), 6) for c, p in zip(train_ids, probabilities)}
         val_sampler = PatchSampler(
             cases, val_ids, conf.patch_size, conf.patch_size, batch, self.trainer.oversample_foreground, foreground
         )

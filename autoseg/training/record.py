@@ -74,6 +74,8 @@ def write_run_json(run: Run, status: str, train_ids: list[str], val_ids: list[st
         # a scheduled augmentation (epoch_augmentations): from which epoch on which values differ from epoch 0's
         "augmentation_schedule": _schedule(run.params, run.augmentation_phases),
         "trainer_notes": run.trainer_notes,  # what the trainer decided from the data (Trainer.notes)
+        # how often each training case is drawn (Trainer.case_weights); None: every case equally often
+        "train_case_probabilities": run.train_case_probabilities,
         "deep_supervision_weights": run.ds_weights,
         "num_workers": run.num_workers,
         "seed": run.options.seed,

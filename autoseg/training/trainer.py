@@ -225,6 +225,11 @@ class Trainer:
         A pure function of the epoch, so a resumed run augments as an uninterrupted one."""
         return self.train_augmentations()
 
+    def case_weights(self, case_ids: Sequence[str]) -> Sequence[float] | None:
+        """How often each of the fold's training cases ``case_ids`` is drawn, relative to the others; None
+        (nnU-Net) draws every case equally often. Validation patches are always drawn uniformly."""
+        return None
+
     def notes(self) -> dict[str, Any]:
         """What this trainer decided from the data (JSON values), written to run.json as ``trainer_notes``; the
         text values are also printed when training starts."""
