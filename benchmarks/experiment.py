@@ -87,6 +87,22 @@ def foreground_dice_per_case(summary_file: Path) -> dict[str, float]:
     return per_case
 
 
+def condition_groups(infos: dict[str, CaseInfo]) -> list[tuple[str, Callable[[CaseInfo], bool]]]:
+    """The test-set conditions the effect benchmarks report: (name, membership) in table order. The youngest
+    third is the third of ``infos`` with the smallest heads."""
+    fills = sorted(info.head_fill for info in infos.values())
+    youngest = fills[len(fills) // 3 - 1] if len(fills) >= 3 else fills[0]
+    return [
+        ("all", lambda i: True),
+        ("clean (adult, still, thin)", lambda i: i.clean),
+        ("inverted contrast", lambda i: i.contrast == "inverted"),
+        ("isointense contrast", lambda i: i.contrast == "isointense"),
+        ("youngest third", lambda i: i.head_fill <= youngest),
+        ("motion ghosts", lambda i: i.ghosted),
+        ("thick slices", lambda i: i.slice_step > 1),
+    ]
+
+
 def group_means(
     dice: dict[str, float], infos: dict[str, CaseInfo], groups: Sequence[tuple[str, Callable[[CaseInfo], bool]]]
 ) -> list[tuple[str, int, float]]:

@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from experiment import foreground_dice_per_case
+from experiment import condition_groups, foreground_dice_per_case
 from scipy import stats
 
 from autoseg.example import case_ids, make_case_with_info
@@ -42,22 +42,13 @@ def main() -> None:
         pairs.append((base, new))
     _, ids = case_ids(args.first_test_index, args.test)
     infos = {c: make_case_with_info(args.first_test_index + i, args.test_seed, args.size)[3] for i, c in enumerate(ids)}
-    fills = sorted(info.head_fill for info in infos.values())
-    youngest = fills[len(fills) // 3 - 1] if len(fills) >= 3 else fills[0]
-    groups = {
-        "clean (adult, still, thin)": lambda i: i.clean,
-        "inverted contrast": lambda i: i.contrast == "inverted",
-        "youngest third": lambda i: i.head_fill <= youngest,
-        "motion ghosts": lambda i: i.ghosted,
-        "thick slices": lambda i: i.slice_step > 1,
-        "all": lambda i: True,
-    }
+    groups = condition_groups(infos)
     dice = {
         name: foreground_dice_per_case(out / f"predictions_{name}" / "summary.json") for pair in pairs for name in pair
     }
     print(f"{' + '.join(f'{new} - {base}' for base, new in pairs)}, per test case")
     print(f"{'condition':<28} {'pairs':>5} {'mean':>8} {'sd':>7} {'lower':>5} {'higher':>6} {'p':>6}")
-    for name, member in groups.items():
+    for name, member in groups:
         diffs = np.array([dice[new][c] - dice[base][c] for base, new in pairs for c in ids if member(infos[c])])
         if len(diffs) < 2:
             continue

@@ -29,7 +29,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import experiment
-from experiment import foreground_dice_per_case, group_means, predict_and_score, print_table, run, train_fold
+from experiment import (
+    condition_groups,
+    foreground_dice_per_case,
+    group_means,
+    predict_and_score,
+    print_table,
+    run,
+    train_fold,
+)
 
 from autoseg.data.splits import kfold_splits
 from autoseg.example import FILE_ENDING, case_ids, dataset_json, make_case, make_case_with_info, make_example_dataset
@@ -124,17 +132,7 @@ def main() -> None:
               "--val-iterations", "10", "--seed", str(train_seed)]  # fmt: skip
     _, test_ids = case_ids(first_test_index, args.test)
     infos = {c: make_case_with_info(first_test_index + i, test_seed, args.size)[3] for i, c in enumerate(test_ids)}
-    fills = sorted(info.head_fill for info in infos.values())
-    youngest = fills[len(fills) // 3 - 1] if len(fills) >= 3 else fills[0]
-    groups = [
-        ("all", lambda i: True),
-        ("clean (adult, still, thin)", lambda i: i.clean),
-        ("inverted contrast", lambda i: i.contrast == "inverted"),
-        ("isointense contrast", lambda i: i.contrast == "isointense"),
-        ("youngest third", lambda i: i.head_fill <= youngest),
-        ("motion ghosts", lambda i: i.ghosted),
-        ("thick slices", lambda i: i.slice_step > 1),
-    ]
+    groups = condition_groups(infos)
     dice: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
     for trainer in args.trainers:
