@@ -62,21 +62,22 @@ class PediatricTrainer(Trainer):
             return Trainer.augmentation
         return self.train_augmentations()
 
-    def draws_other_contrast_more_often(self) -> bool:
-        """The remapping is off and the dataset's cases in another order are fewer than ``other_contrast_share``
-        (decided on every training case of the dataset, so every fold agrees)."""
+    def _rare_other_contrast(self) -> tuple[float, ContrastVariety] | None:
+        """(share, variety) where the remapping is off and the dataset's cases in another order are fewer than
+        ``other_contrast_share`` (decided on every training case of the dataset, so every fold agrees)."""
         share, variety = self.other_contrast_share, self.contrast_variety
-        return (
-            share is not None
-            and variety is not None
-            and not self.remaps_contrast()
-            and (variety.other_fraction < share)
-        )
+        if share is None or variety is None or self.remaps_contrast() or variety.other_fraction >= share:
+            return None
+        return share, variety
+
+    def draws_other_contrast_more_often(self) -> bool:
+        return self._rare_other_contrast() is not None
 
     def case_weights(self, case_ids: Sequence[str]) -> Sequence[float] | None:
-        share, variety = self.other_contrast_share, self.contrast_variety
-        if share is None or variety is None or not self.draws_other_contrast_more_often():
+        rare = self._rare_other_contrast()
+        if rare is None:
             return None
+        share, variety = rare
         other = set(variety.other_order_cases)
         count_other = sum(c in other for c in case_ids)
         if count_other == 0 or count_other == len(case_ids) or count_other / len(case_ids) >= share:
