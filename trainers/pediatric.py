@@ -35,8 +35,8 @@ class PediatricTrainer(Trainer):
     remap_off_from_other_contrast: ClassVar[float | None] = 0.1
     # Where the remapping is off but fewer than this share of the training cases order the tissues differently
     # from the majority (a few infants among adults), those cases are drawn as this share of the samples. With 2
-    # infants among 20 cases at 40 epochs (benchmarks/effects.md, two seeds) that raised the youngest third by
-    # 0.023 and inverted contrast by 0.030, and cost the clean cases 0.010. None: every case equally often.
+    # infants among 20 cases (benchmarks/effects.md, two seeds) that raised the youngest third by 0.023 at 40
+    # epochs and 0.025 at 80, and cost the clean cases 0.010 at 40 and 0.002 at 80. None: every case equally often.
     other_contrast_share: ClassVar[float | None] = 0.25
 
     @functools.cached_property
