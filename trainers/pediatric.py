@@ -80,8 +80,8 @@ class PediatricTrainer(Trainer):
         share, variety = rare
         other = set(variety.other_order_cases)
         count_other = sum(c in other for c in case_ids)
-        if count_other == 0 or count_other == len(case_ids) or count_other / len(case_ids) >= share:
-            return None  # this fold's cases: none, all, or enough in another order
+        if count_other == 0 or count_other / len(case_ids) >= share:
+            return None  # none of this fold's cases in another order, or already enough (all of them included)
         other_weight, majority_weight = share / count_other, (1.0 - share) / (len(case_ids) - count_other)
         return [other_weight if c in other else majority_weight for c in case_ids]
 
